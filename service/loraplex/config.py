@@ -1,0 +1,52 @@
+"""One settings object for the whole service: env vars `LORAPLEX_*`, same names as CLI flags."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    # Server
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+
+    # Model
+    model: str = Field("demo", description="`demo` (tiny Llama built offline), an HF model directory or a hub id.")
+    served_model_name: str | None = Field(None, description="Name of the base model in the API; default: derived from `model`.")
+    data_dir: Path = Field(Path("./adapters"), description="Adapter store: `<data_dir>/<tenant>/<name>/`; the demo model is built under `<data_dir>/.models/`.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks cuda when available.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights/activations dtype; auto = float32 on CPU, bfloat16 on CUDA.")
+    seed: int = Field(0, description="Seed for the demo model weights and for unseeded sampling.")
+
+    # Engine limits
+    max_loras: int = Field(8, ge=1, le=256, description="Adapters resident on the device at once (slots).")
+    max_lora_rank: int = Field(16, ge=1, le=256, description="Largest adapter rank accepted.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together in one step (KV cache rows).")
+    max_model_len: int = Field(1024, ge=16, description="Longest prompt + completion in tokens (KV cache columns).")
+    max_num_batched_tokens: int = Field(4096, ge=16, description="Most prompt tokens prefilled in one step.")
+    max_queue: int = Field(256, ge=0, description="Requests waiting for a batch slot before 429.")
+    lora_target_modules: str = Field(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        description="Comma-separated projections that adapters may target (pool buffers exist only for these).",
+    )
+
+    # Request limits
+    max_prompt_chars: int = Field(200_000, ge=1, description="Largest prompt string accepted (characters).")
+    max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")
+    max_request_bytes: int = Field(4_000_000, ge=1024, description="Largest request body accepted.")
+
+    @property
+    def lora_target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

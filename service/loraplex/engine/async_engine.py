@@ -1,0 +1,157 @@
+"""Runs LLMEngine on its own thread and exposes async generators to the event loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from loraplex.engine.errors import EngineNotRunningError, QueueFullError
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.types import LoraRequest, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.config.max_model_len
+        self.max_lora_rank = engine.config.max_lora_rank
+        self.max_queue = engine.config.max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._is_stopping = threading.Event()
+        self._last_stats: dict = engine.stats()
+        engine.on_wake = lambda: self._inbox.put(("wake", None))
+
+    @property
+    def is_ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._is_stopping.is_set()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run_loop, name="engine-loop", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._is_stopping.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.engine.shutdown()
+
+    def stats(self) -> dict:
+        return dict(self._last_stats, num_pending=len(self._streams))
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        lora: LoraRequest | None = None, tenant: str = "",
+    ) -> AsyncIterator[RequestOutput]:
+        if not self.is_ready:
+            raise EngineNotRunningError("the engine is not running")
+        self.engine.validate(prompt_token_ids, params)
+        stream = self._open_stream(request_id)
+        self._inbox.put(("add", (request_id, prompt_token_ids, params, lora, tenant)))
+        is_finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    is_finished = True
+                    raise item
+                is_finished = item.is_finished
+                yield item
+                if is_finished:
+                    return
+        finally:
+            if not is_finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def _open_stream(self, request_id: str) -> asyncio.Queue:
+        num_waiting = len(self._streams) - self._last_stats["num_running"]
+        if num_waiting >= self.max_queue:
+            raise QueueFullError(f"{num_waiting} requests are already waiting; retry shortly", retry_after_s=1)
+        stream: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id}")
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        return stream
+
+    # --- engine thread --------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        log.info("engine loop started")
+        is_idle = True
+        while not self._is_stopping.is_set():
+            self._drain_inbox(block=is_idle)
+            try:
+                results = self.engine.step()
+            except Exception as exc:  # a bug in a step must not kill the server silently
+                log.exception("engine step failed")
+                results = self._fail_all(exc)
+            self._last_stats = self.engine.stats()
+            self._deliver(results)
+            is_idle = not results and not self.engine.scheduler.num_running
+        self._deliver(self._fail_all(EngineNotRunningError("the engine is shutting down")))
+        log.info("engine loop stopped")
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            command = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command) -> None:
+        kind, payload = command
+        if kind == "add":
+            request_id, prompt_ids, params, lora, tenant = payload
+            if request_id in self._streams:  # skip requests whose caller already left
+                self.engine.add_request(request_id, prompt_ids, params, lora, tenant)
+        elif kind == "abort":
+            output = self.engine.abort(payload)
+            if output is not None:
+                self._deliver([(payload, output)])
+
+    def _fail_all(self, exc: Exception) -> list:
+        failed = []
+        for request_id in self.engine.unfinished_request_ids():
+            self.engine.abort(request_id)
+            failed.append((request_id, exc))
+        return failed
+
+    def _deliver(self, results: list) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for request_id, item in results:
+                target = self._streams.get(request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop closed under us
+                pass
+
+
+def _put_all(items) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)

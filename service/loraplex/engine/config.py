@@ -1,0 +1,44 @@
+"""Engine configuration: one validated dataclass (the API layer builds it from Settings)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.engine.model import LORA_MODULES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # HF model directory or hub id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_loras: int = 8
+    max_lora_rank: int = 16
+    max_batch_size: int = 32
+    max_model_len: int = 1024
+    max_num_batched_tokens: int = 4096
+    max_queue: int = 256
+    lora_target_modules: tuple[str, ...] = LORA_MODULES
+    seed: int = 0
+    extra_eos_token_ids: tuple[int, ...] = field(default=())
+
+    def __post_init__(self):
+        unknown = set(self.lora_target_modules) - set(LORA_MODULES)
+        if unknown:
+            raise ValueError(f"unknown lora target modules {sorted(unknown)}; choose from {LORA_MODULES}")
+        if self.max_num_batched_tokens < self.max_model_len:
+            # A whole prompt is prefilled in one step, so the budget must fit the longest one.
+            object.__setattr__(self, "max_num_batched_tokens", self.max_model_len)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)

@@ -1,0 +1,204 @@
+"""One engine step = schedule -> run -> postprocess. Single-threaded; see async_engine for the loop."""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from loraplex.engine.adapter_slots import AdapterSlots
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.errors import AdapterError, InvalidRequestError, PromptTooLongError
+from loraplex.engine.kv_cache import KVCache, RowAllocator
+from loraplex.engine.lora_pool import LoraPool
+from loraplex.engine.lora_weights import HostLora, read_adapter
+from loraplex.engine.model import LlamaForServing
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.scheduler import ScheduledBatch, Scheduler
+from loraplex.engine.sequence import Sequence
+from loraplex.engine.types import FinishReason, LoraRequest, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+StepResult = tuple[str, "RequestOutput | Exception"]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: LlamaForServing, tokenizer):
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.device = config.torch_device
+        mc = model.config
+        num_kv = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        self.kv_cache = KVCache(
+            mc.num_hidden_layers, config.max_batch_size, num_kv, config.max_model_len,
+            model.head_dim, config.torch_dtype, self.device,
+        )
+        self.lora_pool = LoraPool(model, config.max_loras + 1, config.max_lora_rank, list(config.lora_target_modules))
+        self.slots = AdapterSlots(config.max_loras)
+        self.scheduler = Scheduler(RowAllocator(config.max_batch_size), self.slots, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.kv_cache, self.device)
+        self.vocab_size = mc.vocab_size
+        self.eos_token_ids = _eos_ids(tokenizer, model) | set(config.extra_eos_token_ids)
+        self.completed_loads: queue.SimpleQueue = queue.SimpleQueue()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-loader")
+        self._seeds = random.Random(config.seed)
+        self._seqs: dict[str, Sequence] = {}
+        self.on_wake = lambda: None  # called from the loader thread when a load completes
+
+    # --- requests -------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise before queueing anything the engine could not run."""
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if params.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1")
+        if len(prompt_ids) + params.max_tokens > self.config.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context length {self.config.max_model_len}"
+            )
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    lora: LoraRequest | None, tenant: str = "") -> None:
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        seq = Sequence(request_id, list(prompt_ids), params, lora,
+                       IncrementalDetokenizer(self.tokenizer, params.stop), seed, tenant)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return self._output(seq)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._seqs)
+
+    # --- the step ------------------------------------------------------------------------
+    def step(self) -> list[StepResult]:
+        results = self._apply_completed_loads()
+        batch = self.scheduler.schedule()
+        for lora, slot in batch.adapter_loads:
+            self._start_load(lora, slot)
+        if batch.is_empty:
+            return results
+        tokens, logprobs = self.runner.run(batch)
+        return results + self._postprocess(batch, tokens, logprobs)
+
+    def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[StepResult]:
+        now = time.monotonic()
+        results = []
+        for seq, token, logprob in zip(batch.seqs, tokens, logprobs):
+            seq.output_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            seq.first_token_time = seq.first_token_time or now
+            stop_string = seq.detokenizer.append(seq.output_ids)
+            self._check_finished(seq, token, stop_string)
+            results.append((seq.request_id, self._output(seq)))
+        return results
+
+    def _check_finished(self, seq: Sequence, token: int, stop_string: str | None) -> None:
+        params = seq.params
+        if stop_string is not None:
+            self.scheduler.finish(seq, FinishReason.STOP, stop_string)
+        elif token in params.stop_token_ids:
+            self.scheduler.finish(seq, FinishReason.STOP, token)
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            self.scheduler.finish(seq, FinishReason.STOP, token)
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self.scheduler.finish(seq, FinishReason.LENGTH)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        start = seq.num_emitted_tokens
+        seq.num_emitted_tokens = len(seq.output_ids)
+        output = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=seq.output_ids[start:],
+            new_logprobs=seq.output_logprobs[start:],
+            new_text=seq.detokenizer.take_delta(seq.is_finished),
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        if seq.is_finished:
+            output.metrics = _request_metrics(seq)
+            self.runner.release(seq.request_id)
+            del self._seqs[seq.request_id]
+        return output
+
+    # --- adapters --------------------------------------------------------------------------
+    def _start_load(self, lora: LoraRequest, slot: int) -> None:
+        shapes = self.lora_pool.module_shapes
+        future = self._loader.submit(
+            read_adapter, lora.key, lora.path, self.config.max_lora_rank, shapes, self.config.torch_dtype
+        )
+        future.add_done_callback(lambda f: (self.completed_loads.put((lora.key, slot, f)), self.on_wake()))
+
+    def _apply_completed_loads(self) -> list[StepResult]:
+        results = []
+        while not self.completed_loads.empty():
+            key, slot, future = self.completed_loads.get()
+            error = future.exception()
+            if error is None:
+                self.lora_pool.write(slot, future.result())
+                self.slots.mark_ready(key)
+                continue
+            log.warning("adapter %s failed to load: %s", key, error)
+            self.slots.drop(key)
+            if not isinstance(error, AdapterError):
+                error = AdapterError(f"adapter could not be loaded: {error}")
+            for seq in self.scheduler.fail_waiting_for(key):
+                del self._seqs[seq.request_id]
+                results.append((seq.request_id, error))
+        return results
+
+    def stats(self) -> dict:
+        running = self.scheduler.running
+        used_tokens = sum(s.num_tokens for s in running)
+        capacity = self.config.max_batch_size * self.config.max_model_len
+        return {
+            "num_running": len(running),
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": used_tokens / capacity,
+            "kv_rows_usage": len(running) / self.config.max_batch_size,
+            "resident_adapters": self.slots.resident_keys(),
+            "running_adapters": sorted({s.lora_key for s in running if s.lora_key}),
+            "waiting_adapters": sorted({s.lora_key for s in list(self.scheduler.waiting) if s.lora_key}),
+            "max_loras": self.config.max_loras,
+        }
+
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config_eos = getattr(model.config, "eos_token_id", None)
+    for value in (generation_eos, config_eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
+
+
+def _request_metrics(seq: Sequence) -> dict[str, float]:
+    now = time.monotonic()
+    metrics = {"e2e_s": now - seq.arrival_time}
+    if seq.scheduled_time is not None:
+        metrics["queue_s"] = seq.scheduled_time - seq.arrival_time
+    if seq.first_token_time is not None:
+        metrics["ttft_s"] = seq.first_token_time - seq.arrival_time
+        if len(seq.output_ids) > 1:
+            metrics["tpot_s"] = (now - seq.first_token_time) / (len(seq.output_ids) - 1)
+    return metrics

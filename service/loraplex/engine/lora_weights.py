@@ -1,0 +1,118 @@
+"""Read a PEFT LoRA adapter (safetensors only) into host tensors shaped for the slot pool."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loraplex.engine.errors import AdapterError
+from loraplex.engine.model import ATTN_MODULES
+
+_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+)
+_UNSUPPORTED_FLAGS = ("use_dora", "lora_bias")
+
+
+@dataclass
+class HostLora:
+    """One adapter version on the host: per (layer, module), A [r, d_in] and B*scale [d_out, r]."""
+
+    key: str
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    max_rank: int
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+
+def read_adapter(key: str, path: str, max_rank: int, shapes: dict[tuple[int, str], tuple[int, int]], dtype) -> HostLora:
+    """shapes: (layer, module) -> (d_out, d_in) of every module the pool can serve."""
+    directory = Path(path)
+    config = _read_config(directory / "adapter_config.json")
+    tensors = _read_tensors(directory / "adapter_model.safetensors")
+    pairs = _pair_tensors(tensors)
+    weights = {}
+    for (layer, module), (a, b) in pairs.items():
+        _check_shapes(layer, module, a, b, shapes, max_rank)
+        name = f"model.layers.{layer}.{'self_attn' if module in ATTN_MODULES else 'mlp'}.{module}"
+        scale = _scaling(config, name, rank=a.shape[0])
+        weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    if not weights:
+        raise AdapterError(f"adapter {key!r} holds no LoRA weights for a supported module")
+    return HostLora(key, weights, max(a.shape[0] for a, _ in weights.values()))
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"unreadable adapter_config.json: {exc}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"peft_type {config.get('peft_type')!r} is not supported, only LORA")
+    for flag in _UNSUPPORTED_FLAGS:
+        if config.get(flag):
+            raise AdapterError(f"adapters with {flag}=true are not supported")
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        raise AdapterError("adapters with trained biases or modules_to_save are not supported")
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise AdapterError(f"unreadable adapter_model.safetensors: {exc}") from None
+
+
+def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _KEY_RE.match(name)
+        if not match:
+            raise AdapterError(f"unsupported tensor {name!r} in adapter")
+        layer, _, module, half = match.groups()
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"tensor {name!r} holds NaN or inf")
+        halves.setdefault((int(layer), module), {})[half] = tensor
+    pairs = {}
+    for where, found in halves.items():
+        if set(found) != {"A", "B"}:
+            raise AdapterError(f"layer {where[0]} {where[1]} lacks lora_A or lora_B")
+        pairs[where] = (found["A"], found["B"])
+    return pairs
+
+
+def _check_shapes(layer, module, a, b, shapes, max_rank) -> None:
+    if (layer, module) not in shapes:
+        raise AdapterError(f"layer {layer} {module} is not a module this server can adapt")
+    d_out, d_in = shapes[(layer, module)]
+    rank = a.shape[0]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape != (d_out, rank):
+        raise AdapterError(
+            f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+            f"a [{d_out} x {d_in}] weight"
+        )
+    if rank > max_rank:
+        raise AdapterError(f"rank {rank} at layer {layer} {module} exceeds max_lora_rank {max_rank}")
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
+
+
+def _scaling(config: dict, module_name: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), module_name, config.get("lora_alpha", 8))
+    if config.get("use_rslora"):
+        return alpha / math.sqrt(rank)
+    return alpha / rank

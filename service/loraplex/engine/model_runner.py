@@ -1,0 +1,93 @@
+"""Owns every device tensor: turns a ScheduledBatch into inputs, runs the model, samples."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from loraplex.engine.attention import AttentionMetadata, PrefillGroup
+from loraplex.engine.kv_cache import KVCache
+from loraplex.engine.lora_ops import build_lora_batch
+from loraplex.engine.model import ForwardBatch, LlamaForServing
+from loraplex.engine.sampler import sample
+from loraplex.engine.scheduler import ScheduledBatch
+from loraplex.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForServing, kv_cache: KVCache, device: torch.device):
+        self.model, self.kv_cache, self.device = model, kv_cache, device
+        self._generators: dict[str, torch.Generator] = {}
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
+        """Returns the next token and its logprob for each of batch.seqs, in that order."""
+        for src, dst, length in batch.row_moves:
+            self.kv_cache.move_row(src, dst, length)
+        input_ids, forward_batch = self._prepare(batch)
+        logits = self.model(input_ids, forward_batch, self.kv_cache)  # [num_seqs, V]
+        seqs = batch.seqs
+        generators = [self._generator(s) for s in seqs]
+        tokens, logprobs = sample(logits, [s.params for s in seqs], generators)
+        return tokens.tolist(), logprobs.tolist()
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.is_greedy:
+            return None
+        generator = self._generators.get(seq.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seq.seed)
+            self._generators[seq.request_id] = generator
+        return generator
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch]:
+        decode, prefill = batch.decode_seqs, batch.prefill_seqs
+        token_ids = [s.last_token for s in decode] + list(itertools.chain.from_iterable(s.prompt_ids for s in prefill))
+        positions = [s.num_tokens - 1 for s in decode] + list(
+            itertools.chain.from_iterable(range(len(s.prompt_ids)) for s in prefill)
+        )
+        logits_indices, start = list(range(len(decode))), len(decode)
+        for seq in prefill:
+            start += len(seq.prompt_ids)
+            logits_indices.append(start - 1)
+        lora = build_lora_batch(
+            [s.slot for s in decode], [(len(s.prompt_ids), s.slot) for s in prefill], self.device
+        )
+        forward_batch = ForwardBatch(
+            positions=self._tensor(positions),
+            attention=self._attention_metadata(decode, prefill),
+            lora=lora,
+            logits_indices=self._tensor(logits_indices),
+        )
+        return self._tensor(token_ids), forward_batch
+
+    def _attention_metadata(self, decode: list[Sequence], prefill: list[Sequence]) -> AttentionMetadata:
+        decode_positions = decode_mask = None
+        max_decode_len = 0
+        if decode:
+            lengths = [s.num_tokens for s in decode]  # cache length after this step's write
+            max_decode_len = max(lengths)
+            decode_positions = self._tensor([n - 1 for n in lengths])
+            columns = torch.arange(max_decode_len, device=self.device)
+            decode_mask = (columns.unsqueeze(0) < self._tensor(lengths).unsqueeze(1))[:, None, None, :]
+        return AttentionMetadata(
+            num_decode=len(decode),
+            decode_positions=decode_positions,
+            decode_mask=decode_mask,  # [n, 1, 1, L]
+            max_decode_len=max_decode_len,
+            prefill_groups=self._prefill_groups(len(decode), prefill),
+        )
+
+    def _prefill_groups(self, token_start: int, prefill: list[Sequence]) -> tuple[PrefillGroup, ...]:
+        groups = []
+        for length, members in itertools.groupby(prefill, key=lambda s: len(s.prompt_ids)):
+            members = list(members)
+            rows = self._tensor([s.row for s in members])
+            groups.append(PrefillGroup(token_start, len(members), length, rows))
+            token_start += length * len(members)
+        return tuple(groups)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

@@ -1,0 +1,53 @@
+"""A request's state inside the engine (plain Python, no tensors)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.types import FinishReason, LoraRequest, SamplingParams
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora: LoraRequest | None
+    detokenizer: IncrementalDetokenizer
+    seed: int
+    tenant: str = ""
+    status: SeqStatus = SeqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    row: int = -1  # KV cache row while running
+    slot: int = 0  # adapter slot while running (0 = base)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_emitted_tokens: int = 0  # tokens already reported to the caller
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def lora_key(self) -> str | None:
+        return self.lora.key if self.lora else None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

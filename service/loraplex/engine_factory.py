@@ -1,0 +1,60 @@
+"""Builds the engine from Settings: the one place that knows both the settings and the engine."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from loraplex.config import Settings
+from loraplex.engine.async_engine import AsyncEngine
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.model_loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(settings: Settings) -> str:
+    if settings.model == "demo":
+        from loraplex.models.demo import ensure_demo_model
+
+        return str(ensure_demo_model(Path(settings.data_dir), seed=settings.seed))
+    return settings.model
+
+
+def served_model_name(settings: Settings) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    return "demo" if settings.model == "demo" else Path(settings.model.rstrip("/")).name
+
+
+def engine_config(settings: Settings, model_path: str) -> EngineConfig:
+    return EngineConfig(
+        model=model_path,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        max_batch_size=settings.max_batch_size,
+        max_model_len=settings.max_model_len,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_queue=settings.max_queue,
+        lora_target_modules=tuple(settings.lora_target_module_list),
+        seed=settings.seed,
+    )
+
+
+def build_engine(settings: Settings) -> AsyncEngine:
+    model_path = resolve_model_path(settings)
+    config = engine_config(settings, model_path)
+    log.info("loading %s on %s (%s)", model_path, config.torch_device, config.torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = load_model(model_path, config.torch_dtype, config.torch_device, config.max_model_len)
+    engine = LLMEngine(config, model, tokenizer)
+    log.info(
+        "engine ready: kv cache %.1f MiB, adapter pool %.1f MiB (%d slots, rank %d)",
+        engine.kv_cache.num_bytes / 2**20, engine.lora_pool.num_bytes / 2**20,
+        config.max_loras, config.max_lora_rank,
+    )
+    return AsyncEngine(engine, served_model_name(settings))
