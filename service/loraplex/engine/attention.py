@@ -25,7 +25,7 @@ class PrefillGroup:
 @dataclass(frozen=True)
 class AttentionMetadata:
     num_decode: int
-    decode_positions: torch.Tensor | None  # [num_decode] position of each decode token
+    decode_write_index: torch.Tensor | None  # [num_decode * Hkv] flat cache slot of each new k/v head
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_decode_len] True = attend
     max_decode_len: int
     prefill_groups: tuple[PrefillGroup, ...]
@@ -52,9 +52,9 @@ def attend(
 def _decode(q, k, v, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
     n = meta.num_decode
     num_heads, num_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
-    rows = torch.arange(n, device=q.device)
-    cache_k[rows, :, meta.decode_positions] = k[:n]  # [n, Hkv, hd]
-    cache_v[rows, :, meta.decode_positions] = v[:n]
+    # cache.view(-1, hd) is indexed by (row * Hkv + head) * max_len + position.
+    cache_k.view(-1, head_dim).index_copy_(0, meta.decode_write_index, k[:n].reshape(-1, head_dim))
+    cache_v.view(-1, head_dim).index_copy_(0, meta.decode_write_index, v[:n].reshape(-1, head_dim))
     keys = cache_k[:n, :, : meta.max_decode_len]  # [n, Hkv, L, hd], a view
     values = cache_v[:n, :, : meta.max_decode_len]
     # One query token: fold the query heads of a KV group into the query-length axis (GQA, no copy).

@@ -11,7 +11,7 @@ class KVCache:
         shape = (max_rows, num_kv_heads, max_model_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_rows, self.max_model_len = max_rows, max_model_len
+        self.max_rows, self.max_model_len, self.num_kv_heads = max_rows, max_model_len, num_kv_heads
 
     @property
     def num_bytes(self) -> int:

@@ -64,21 +64,29 @@ class ModelRunner:
         return self._tensor(token_ids), forward_batch
 
     def _attention_metadata(self, decode: list[Sequence], prefill: list[Sequence]) -> AttentionMetadata:
-        decode_positions = decode_mask = None
+        write_index = decode_mask = None
         max_decode_len = 0
         if decode:
             lengths = [s.num_tokens for s in decode]  # cache length after this step's write
             max_decode_len = max(lengths)
-            decode_positions = self._tensor([n - 1 for n in lengths])
+            write_index = self._decode_write_index(lengths)
             columns = torch.arange(max_decode_len, device=self.device)
             decode_mask = (columns.unsqueeze(0) < self._tensor(lengths).unsqueeze(1))[:, None, None, :]
         return AttentionMetadata(
             num_decode=len(decode),
-            decode_positions=decode_positions,
+            decode_write_index=write_index,
             decode_mask=decode_mask,  # [n, 1, 1, L]
             max_decode_len=max_decode_len,
             prefill_groups=self._prefill_groups(len(decode), prefill),
         )
+
+    def _decode_write_index(self, lengths: list[int]) -> torch.Tensor:
+        """Flat index into cache.view(-1, hd) for each (decode row, kv head): [n * Hkv]."""
+        num_kv, max_len = self.kv_cache.num_kv_heads, self.kv_cache.max_model_len
+        rows = torch.arange(len(lengths)).unsqueeze(1)  # [n, 1]
+        heads = torch.arange(num_kv).unsqueeze(0)  # [1, Hkv]
+        positions = torch.tensor(lengths).unsqueeze(1) - 1  # [n, 1]
+        return ((rows * num_kv + heads) * max_len + positions).reshape(-1).to(self.device, non_blocking=True)
 
     def _prefill_groups(self, token_start: int, prefill: list[Sequence]) -> tuple[PrefillGroup, ...]:
         groups = []
