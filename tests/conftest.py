@@ -1,0 +1,38 @@
+"""Shared fixtures: the demo model built once per session, and PEFT adapters made on demand."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.models.demo import ensure_demo_model, make_demo_adapter
+
+pytest_plugins = ["tests.api_fixtures"]
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engine-data")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(demo_data_dir) -> Path:
+    return ensure_demo_model(demo_data_dir)
+
+
+@pytest.fixture(scope="session")
+def make_adapter(demo_model_dir, demo_data_dir):
+    """make_adapter("tenant/name", r=..., target_modules=..., ...) -> adapter dir (built once per name)."""
+
+    def make(adapter_id: str, **kwargs) -> Path:
+        out = demo_data_dir / adapter_id
+        if not out.exists():
+            make_demo_adapter(demo_model_dir, out, **kwargs)
+        return out
+
+    return make
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
