@@ -36,3 +36,13 @@ def make_adapter(demo_model_dir, demo_data_dir):
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped on machines without a GPU."""
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

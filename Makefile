@@ -1,0 +1,32 @@
+# Entry points for developers and CI. Settings come from LORAPLEX_* env vars, e.g. `LORAPLEX_PORT=9000 make run`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+
+.PHONY: help setup redis run test test-slow bench
+
+help:
+	@echo "make run        serve the demo model (CPU, no Redis; adapters under ./adapters)"
+	@echo "make test       fast test suite (what CI runs)"
+	@echo "make test-slow  tests marked slow"
+	@echo "make bench      load test (loadtest/bench.py)"
+
+setup:
+	@bash scripts/setup.sh
+
+redis:
+	@bash scripts/ensure_redis.sh
+
+# Builds the demo model and seeds the example adapter <data_dir>/demo/example/ when missing, then serves.
+run: setup
+	$(PY) -c "from loraplex.models.demo import main; main()"
+	.venv/bin/loraplex serve
+
+test: setup redis
+	$(PY) -m pytest -m "not slow and not cuda" -q
+
+test-slow: setup redis
+	$(PY) -m pytest -m slow -q
+
+bench: setup
+	$(PY) loadtest/bench.py

@@ -1,0 +1,133 @@
+"""`loraplex` command line: subcommands over one `Settings`.
+
+Every `Settings` field is a flag with the same name (`--max-loras` <-> `LORAPLEX_MAX_LORAS`), accepted
+before or after the subcommand. Precedence: flag > environment > default. A new subcommand is one entry
+in `COMMANDS`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from pydantic import ValidationError
+
+from loraplex.config import Settings
+
+ENV_PREFIX = "LORAPLEX_"
+GRACEFUL_SHUTDOWN_S = 30  # in-flight requests get this long to finish after SIGTERM
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Command(NamedTuple):
+    help: str
+    run: Callable[[Settings], int]
+
+
+def serve(settings: Settings) -> int:
+    """Run the HTTP API in this process (one uvicorn worker: the engine owns the model and the device)."""
+    import uvicorn
+
+    configure_logging(settings.log_level)
+    from loraplex.api.app import create_app  # heavy (torch, the engine): only when serving
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=settings.log_level.lower(),
+        lifespan="on",  # a failed startup (model load) must stop the server, not be ignored
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("Serve the OpenAI-compatible HTTP API.", serve),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        parser.error("invalid settings:\n" + _describe_errors(exc))
+    return COMMANDS[args.command].run(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    settings_flags = _settings_parser()
+    parser = argparse.ArgumentParser(
+        prog="loraplex",
+        description="One frozen base LLM, many per-tenant LoRA adapters, batched together.",
+        epilog="Every option can also be set by its environment variable; a flag wins over the environment.",
+        parents=[settings_flags],
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        commands.add_parser(name, help=command.help, description=command.help, parents=[settings_flags])
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags given on the command line override the environment (pydantic-settings: init > env > default)."""
+    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return Settings(**given)
+
+
+def configure_logging(level: str) -> None:
+    numeric = logging.getLevelNamesMapping().get(level.upper())
+    if numeric is None:
+        raise SystemExit(f"loraplex: unknown log level {level!r}")
+    logging.basicConfig(level=numeric, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _settings_parser() -> argparse.ArgumentParser:
+    # Defaults are SUPPRESS so an absent flag leaves no attribute and the environment can apply.
+    parser = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    group = parser.add_argument_group("settings")
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or ''} [{env_name(name)}; default: {default}]".replace("%", "%%")
+        group.add_argument(flag_name(name), dest=name, help=help_text, **_value_spec(name, field.annotation))
+    return parser
+
+
+def _value_spec(name: str, annotation: Any) -> dict[str, Any]:
+    """How argparse reads one field; pydantic does the real conversion and validation."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None` -> X
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": [str(choice) for choice in typing.get_args(annotation)]}
+    type_name = getattr(annotation, "__name__", "value")
+    return {"metavar": type_name.upper() if type_name in ("int", "float", "Path") else name.upper()}
+
+
+def _describe_errors(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        where = f"{flag_name(field)} / {env_name(field)}" if field else "settings"
+        lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
