@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -56,8 +57,10 @@ def test_admission_bounded_by_kv_rows(engine):
 def test_abort_frees_row_and_slot(engine, make_adapter):
     adapter = make_adapter("acme/sched", r=8, seed=11)
     engine.add_request("a", [0, 4, 5], greedy(100), lora(adapter))
-    for _ in range(5):
-        engine.step()
+    deadline = time.monotonic() + 30
+    while engine.scheduler.num_running == 0 and time.monotonic() < deadline:
+        engine.step()  # the adapter loads on another thread; admission follows
+        time.sleep(0.01)
     assert engine.scheduler.num_running == 1
     output = engine.abort("a")
     assert output.finish_reason is FinishReason.ABORT

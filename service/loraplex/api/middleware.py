@@ -1,0 +1,67 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it breaks streaming and disconnect detection)."""
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loraplex.api.errors import PayloadTooLarge, RequestTooLarge, error_response
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_KEY = "loraplex.request_id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # also safe inside engine ids and logs
+
+
+def request_id_of(scope: Scope) -> str:
+    return scope.get(_REQUEST_ID_KEY) or uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Honour a well-formed X-Request-ID (else make one), keep it in the scope and echo it back."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        scope[_REQUEST_ID_KEY] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over the limit: at once when Content-Length says so, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            message = f"Request body is larger than {self.max_bytes} bytes."
+            response = error_response(PayloadTooLarge(message, headers={"Connection": "close"}))
+            return await response(scope, receive, send)
+        num_received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal num_received
+            message = await receive()
+            num_received += len(message.get("body", b""))
+            if num_received > self.max_bytes:
+                raise RequestTooLarge(self.max_bytes)  # FastAPI re-raises HTTPExceptions from body reads
+            return message
+
+        await self.app(scope, receive_limited, send)

@@ -1,0 +1,116 @@
+"""TGI / LoRAX request and response bodies for /generate, /generate_stream and the compat route `/`.
+
+The HF `text_generation` client sends every parameter it knows, most of them null or false; those are
+accepted at their neutral value and refused (400) otherwise, so no option is silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loraplex.api.schemas.openai import MAX_SEED
+
+TgiFinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+# parameter -> the values that mean "feature off"
+_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "frequency_penalty": (None, 0.0),
+    "return_full_text": (None, False),
+    "decoder_input_details": (None, False),
+    "truncate": (None,),
+    "typical_p": (None, 1.0),
+    "best_of": (None, 1),
+    "watermark": (None, False),
+    "top_n_tokens": (None, 0),
+    "grammar": (None,),
+    "adapter_source": (None, "local"),
+    "adapter_parameters": (None,),
+    "response_format": (None,),
+}
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str | None = Field(None, max_length=256, description="LoRAX: `<tenant>/<name>`; null = base model.")
+    max_new_tokens: int | None = Field(None, ge=1)
+    do_sample: bool = False
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: list[str] = Field(default_factory=list)
+    details: bool = False
+    ignore_eos: bool = Field(False, description="Extension, as in the OpenAI routes.")
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    return_full_text: bool | None = None
+    decoder_input_details: bool | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+    best_of: int | None = None
+    watermark: bool | None = None
+    top_n_tokens: int | None = None
+    grammar: dict[str, Any] | None = None
+    adapter_source: str | None = None
+    adapter_parameters: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    api_token: str | None = Field(None, description="LoRAX: accepted and ignored (no remote adapter sources).")
+
+    @field_validator(*_NEUTRAL_VALUES)
+    @classmethod
+    def _neutral_only(cls, value: Any, info) -> Any:
+        if value not in _NEUTRAL_VALUES[info.field_name]:
+            raise ValueError(f"{info.field_name}={value!r} is not supported")
+        return value
+
+    @property
+    def is_sampling(self) -> bool:
+        """TGI samples when asked to, or when any sampling warper is set away from its neutral value."""
+        warped = (
+            self.temperature not in (None, 1.0) or self.top_k not in (None, 0) or self.top_p not in (None, 1.0)
+        )
+        return self.do_sample or warped
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str = Field(min_length=1)
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False  # read by the compat route `/` only
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+    special: bool = False
+
+
+class Details(BaseModel):
+    finish_reason: TgiFinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[Token] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: TgiFinishReason
+    generated_tokens: int
+    seed: int | None = None
+
+
+class StreamResponse(BaseModel):
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None

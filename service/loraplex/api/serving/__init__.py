@@ -1,0 +1,1 @@
+"""Translation between the wire formats and the engine: prompts in, RequestOutput deltas out."""
