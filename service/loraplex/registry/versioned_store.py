@@ -1,0 +1,406 @@
+"""Immutable adapter versions: blobs on the local filesystem, "which versions exist" in an `AdapterIndex`.
+
+    <data_dir>/<tenant>/<name>/v<n>/{adapter_config.json, adapter_model.safetensors, meta.json}
+    <data_dir>/<tenant>/<name>/latest     "<n>": the newest published version, replaced atomically
+    <data_dir>/<tenant>/<name>/{adapter_config.json, adapter_model.safetensors}   legacy flat = version 1
+    <data_dir>/.staging/ .trash/ .locks/   dot-dirs, never a tenant (id parts start with [a-z0-9])
+
+A put is built in `.staging/`, fsynced, renamed into place, then published by the index: a version dir
+above `latest` is an unfinished put and is never served. A delete renames the whole adapter dir into
+`.trash/` (404 from that instant), then removes it. Writers to one tenant hold one lock (thread lock +
+flock, so several workers agree) because the quota is per tenant; readers hold none: a version never
+changes and every switch is a rename.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from loraplex.engine.model import LORA_MODULES
+from loraplex.engine.types import LoraRequest
+from loraplex.registry.adapter_config import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.registry.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterFile, QuotaExceeded, RegistryUnavailable
+from loraplex.registry.local_store import ID_PART, LocalAdapterStore
+from loraplex.registry.validation import ValidatedAdapter, adapter_digest
+
+log = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+LATEST_FILE = "latest"
+MAX_LIST_LIMIT = 1000
+_VERSION_TEXT = re.compile(r"^[1-9][0-9]{0,8}$")  # [0-9], not \d: no other scripts' digits
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    id: str  # "<tenant>/<name>"
+    tenant: str
+    name: str
+    version: int  # 1, 2, ...; never reused while the adapter exists
+    sha256: str  # content digest of both files (validation.adapter_digest)
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int  # config + weights
+    created_at: int  # unix seconds
+    shared: bool  # usable by every tenant; the latest version's flag applies to all versions
+    path: Path  # directory holding the two adapter files
+
+    @property
+    def versioned_id(self) -> str:
+        return f"{self.id}@{self.version}"
+
+    @property
+    def lora_key(self) -> str:
+        return f"{self.tenant}/{self.name}@{self.version}:{self.sha256[:12]}"
+
+    def lora_request(self) -> LoraRequest:
+        return LoraRequest(key=self.lora_key, path=str(self.path))
+
+    def to_meta(self) -> dict[str, Any]:
+        """What meta.json holds: everything but `path`, so a data dir can be moved."""
+        meta = asdict(self)
+        del meta["path"]
+        return {**meta, "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], path: Path) -> AdapterVersion:
+        return cls(**{**meta, "target_modules": tuple(meta["target_modules"]), "path": path})
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    max_adapters: int = 100
+    max_bytes: int = 10 << 30  # every version counts
+
+
+def parse_adapter_id(adapter_id: str) -> tuple[str, str, int | None]:
+    """`<tenant>/<name>` or `<tenant>/<name>@<n>` -> (tenant, name, n or None); AdapterNotFound otherwise,
+    before any path is built. `%`, `/`, `\\` and `..` can never reach a path."""
+    base, has_version, version_text = adapter_id.partition("@")
+    parts = base.split("/")
+    if len(parts) != 2 or not all(map(is_id_part, parts)):
+        raise AdapterNotFound(adapter_id)
+    if has_version and not _VERSION_TEXT.fullmatch(version_text):
+        raise AdapterNotFound(adapter_id)
+    return parts[0], parts[1], int(version_text) if has_version else None
+
+
+def is_id_part(part: str) -> bool:
+    return ID_PART.fullmatch(part) is not None and ".." not in part
+
+
+class AdapterIndex(Protocol):
+    """Which versions are published and their records. Blobs stay on the filesystem whatever the index;
+    a Redis implementation keeps these four verbs (records as JSON, one latest pointer per adapter)."""
+
+    def get(self, tenant: str, name: str, version: int | None) -> AdapterVersion | None:
+        """The record of `version` (None: the latest), or None if it is not published."""
+
+    def publish(self, record: AdapterVersion) -> None:
+        """Make `record` (already on disk) the latest version of its adapter."""
+
+    def remove(self, tenant: str, name: str) -> None:
+        """Forget every version of the adapter (its blobs are removed right after)."""
+
+    def latest_records(self, tenant: str | None) -> list[AdapterVersion]:
+        """The latest version of every adapter of `tenant` (None: all tenants), sorted by id."""
+
+
+class LocalJsonIndex:
+    """The filesystem is the index: `latest` pointers and per-version `meta.json`; legacy flat adapters
+    are read through the read-only `LocalAdapterStore` (which caches their hashes)."""
+
+    def __init__(self, data_dir: Path, max_lora_rank: int, allowed_target_modules: Collection[str]):
+        self.data_dir = Path(data_dir)
+        self._legacy = LocalAdapterStore(data_dir, max_lora_rank, allowed_target_modules)
+
+    def get(self, tenant: str, name: str, version: int | None) -> AdapterVersion | None:
+        adapter_dir = self.data_dir / tenant / name
+        latest = self._latest_version(adapter_dir)
+        version = latest if version is None else version
+        if latest is None or version > latest:
+            return None
+        meta_path = adapter_dir / f"v{version}" / META_FILE
+        if meta_path.is_file():
+            return _read_meta(meta_path)
+        return self._legacy_record(tenant, name) if version == 1 else None
+
+    def publish(self, record: AdapterVersion) -> None:
+        _write_atomically(record.path.parent / LATEST_FILE, f"{record.version}\n".encode())
+
+    def remove(self, tenant: str, name: str) -> None:
+        pass  # the pointer lives in the adapter dir, which the store moves away next
+
+    def latest_records(self, tenant: str | None) -> list[AdapterVersion]:
+        tenants = [tenant] if tenant is not None else _id_subdirs(self.data_dir)
+        records = []
+        for owner in tenants:
+            for name in _id_subdirs(self.data_dir / owner):
+                try:
+                    record = self.get(owner, name, None)
+                except (AdapterNotFound, InvalidAdapter):  # legacy adapter removed meanwhile, or unservable
+                    continue
+                if record is not None:
+                    records.append(record)
+        return sorted(records, key=lambda record: record.id)
+
+    def _latest_version(self, adapter_dir: Path) -> int | None:
+        try:
+            return int((adapter_dir / LATEST_FILE).read_text().strip())
+        except FileNotFoundError:
+            return 1 if (adapter_dir / CONFIG_FILE).is_file() else None  # legacy flat layout
+        except (OSError, ValueError):
+            log.warning("unreadable %s in %s", LATEST_FILE, adapter_dir)
+            return None
+
+    def _legacy_record(self, tenant: str, name: str) -> AdapterVersion:
+        legacy = self._legacy.get(f"{tenant}/{name}")
+        try:
+            config_bytes = (legacy.path / CONFIG_FILE).read_bytes()
+        except OSError:  # removed since the read-only store looked
+            raise AdapterNotFound(legacy.id) from None
+        return AdapterVersion(
+            id=legacy.id, tenant=tenant, name=name, version=1, sha256=adapter_digest(config_bytes, legacy.sha256),
+            rank=legacy.rank, alpha=legacy.alpha, target_modules=legacy.target_modules,
+            size_bytes=len(config_bytes) + legacy.size_bytes, created_at=legacy.created, shared=False, path=legacy.path,
+        )
+
+
+class VersionedAdapterStore:
+    def __init__(
+        self, data_dir: Path, quota: TenantQuota = TenantQuota(), index: AdapterIndex | None = None,
+        max_lora_rank: int = 256, allowed_target_modules: Collection[str] = LORA_MODULES,
+    ):
+        self.data_dir = Path(data_dir)
+        self.quota = quota
+        self.index = index or LocalJsonIndex(self.data_dir, max_lora_rank, allowed_target_modules)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        for hidden in (".staging", ".trash", ".locks"):
+            (self.data_dir / hidden).mkdir(parents=True, exist_ok=True)
+
+    def put(self, tenant: str, name: str, files: Mapping[str, bytes], validated: ValidatedAdapter, shared: bool = False) -> AdapterVersion:
+        """Store a new immutable version (the next number); all or nothing."""
+        _require_id_part(tenant, "tenant")
+        _require_id_part(name, "name")
+        config_bytes, weights_bytes = _checked_files(files, validated)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix="put-", dir=self.data_dir / ".staging"))
+            try:
+                _stage(staging, config_bytes, weights_bytes)
+                with self._tenant_lock(tenant):
+                    self._check_quota(tenant, name, validated.num_bytes)
+                    return self._commit(staging, tenant, name, validated, shared)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # already renamed away unless the put failed
+        except OSError as exc:
+            raise RegistryUnavailable(f"cannot store adapter {tenant}/{name}: {exc.strerror or exc}") from exc
+
+    def get(self, tenant: str, name: str, version: int | None = None) -> AdapterVersion:
+        """The record (latest unless `version`); AdapterNotFound if absent, whatever the reason."""
+        requested = f"{tenant}/{name}" + (f"@{version}" if version is not None else "")
+        if not (is_id_part(tenant) and is_id_part(name)) or (version is not None and version < 1):
+            raise AdapterNotFound(requested)
+        latest = self.index.get(tenant, name, None)
+        record = latest if version is None or latest is None else self.index.get(tenant, name, version)
+        if record is None:
+            raise AdapterNotFound(requested)
+        return replace(record, shared=latest.shared)  # sharing is per adapter: unsharing covers old versions
+
+    def get_by_id(self, adapter_id: str) -> AdapterVersion:
+        return self.get(*parse_adapter_id(adapter_id))
+
+    def list(self, tenant: str | None, include_shared: bool = True, after: str | None = None, limit: int = 50) -> list[AdapterVersion]:
+        """Latest versions visible to `tenant` (its own, plus shared ones; None: all), by id, after `after`."""
+        limit = max(1, min(limit, MAX_LIST_LIMIT))
+        records = self.index.latest_records(None if tenant is None or include_shared else tenant)
+        visible = [r for r in records if tenant is None or r.tenant == tenant or (include_shared and r.shared)]
+        return [r for r in visible if after is None or r.id > after][:limit]
+
+    def delete(self, tenant: str, name: str) -> None:
+        """Remove every version; the adapter is not found from the moment this returns (or raises)."""
+        if not (is_id_part(tenant) and is_id_part(name)):
+            raise AdapterNotFound(f"{tenant}/{name}")
+        adapter_dir = self.data_dir / tenant / name
+        trash = self.data_dir / ".trash" / f"{tenant}.{name}.{uuid.uuid4().hex}"
+        with self._tenant_lock(tenant):
+            if adapter_dir.is_symlink() or not adapter_dir.is_dir():
+                raise AdapterNotFound(f"{tenant}/{name}")
+            self.index.remove(tenant, name)  # first: an index elsewhere (Redis) must not point at gone blobs
+            try:
+                os.rename(adapter_dir, trash)  # atomic: readers see all versions or none
+            except OSError as exc:
+                raise RegistryUnavailable(f"cannot delete adapter {tenant}/{name}: {exc.strerror or exc}") from exc
+            _remove_if_empty(adapter_dir.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(number of adapters, bytes on disk over all their versions) of one tenant."""
+        tenant_dir = self.data_dir / tenant
+        names = _id_subdirs(tenant_dir)
+        return len(names), sum(_tree_bytes(tenant_dir / name) for name in names)
+
+    def _check_quota(self, tenant: str, name: str, num_new_bytes: int) -> None:
+        num_adapters, num_bytes = self.usage(tenant)
+        is_new_adapter = not (self.data_dir / tenant / name).is_dir()
+        if is_new_adapter and num_adapters + 1 > self.quota.max_adapters:
+            raise QuotaExceeded(f"tenant {tenant!r} already has {num_adapters} adapters (quota {self.quota.max_adapters})")
+        if num_bytes + num_new_bytes > self.quota.max_bytes:
+            raise QuotaExceeded(f"tenant {tenant!r} would store {num_bytes + num_new_bytes} bytes (quota {self.quota.max_bytes})")
+
+    def _commit(self, staging: Path, tenant: str, name: str, validated: ValidatedAdapter, shared: bool) -> AdapterVersion:
+        adapter_dir = self.data_dir / tenant / name
+        record = _new_record(tenant, name, _next_version(adapter_dir), validated, shared, adapter_dir)
+        _write_synced(staging / META_FILE, json.dumps(record.to_meta(), indent=2).encode())
+        _fsync_dir(staging)
+        new_dirs = [d for d in (adapter_dir.parent, adapter_dir) if not d.exists()]
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._move_and_publish(staging, record)
+        except BaseException:
+            for directory in reversed(new_dirs):
+                _remove_if_empty(directory)
+            raise
+        return record
+
+    def _move_and_publish(self, staging: Path, record: AdapterVersion) -> None:
+        os.rename(staging, record.path)  # the version dir appears whole or not at all
+        try:
+            _fsync_dir(record.path.parent)
+            self.index.publish(record)
+        except BaseException:
+            shutil.rmtree(record.path, ignore_errors=True)  # never published, so never served meanwhile
+            raise
+
+    @contextmanager
+    def _tenant_lock(self, tenant: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(tenant, threading.Lock())
+        with lock, open(self.data_dir / ".locks" / f"{tenant}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
+            yield
+
+
+def _new_record(tenant: str, name: str, version: int, validated: ValidatedAdapter, shared: bool, adapter_dir: Path) -> AdapterVersion:
+    return AdapterVersion(
+        id=f"{tenant}/{name}", tenant=tenant, name=name, version=version, sha256=validated.sha256,
+        rank=validated.rank, alpha=validated.alpha, target_modules=validated.target_modules,
+        size_bytes=validated.num_bytes, created_at=int(time.time()), shared=shared, path=adapter_dir / f"v{version}",
+    )
+
+
+def _stage(staging: Path, config_bytes: bytes, weights_bytes: bytes) -> None:
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from a server running as another user
+    _write_synced(staging / CONFIG_FILE, config_bytes)
+    _write_synced(staging / WEIGHTS_FILE, weights_bytes)
+
+
+def _checked_files(files: Mapping[str, bytes], validated: ValidatedAdapter) -> tuple[bytes, bytes]:
+    """The two files, and proof that they are the ones `validated` describes."""
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
+    if missing:
+        raise InvalidAdapterFile(f"{missing[0]} is missing", missing[0])
+    config_bytes, weights_bytes = files[CONFIG_FILE], files[WEIGHTS_FILE]
+    weights_sha256 = hashlib.sha256(weights_bytes).hexdigest()
+    if weights_sha256 != validated.weights_sha256 or adapter_digest(config_bytes, weights_sha256) != validated.sha256:
+        raise InvalidAdapterFile("files differ from the ones that were validated", WEIGHTS_FILE)
+    return config_bytes, weights_bytes
+
+
+def _require_id_part(part: str, field: str) -> None:
+    if not is_id_part(part):
+        raise InvalidAdapterFile(f"{field} {part!r} must match {ID_PART.pattern} (no '..')", field)
+
+
+def _next_version(adapter_dir: Path) -> int:
+    """One above every version on disk (published or not, legacy flat = 1): numbers are never reused."""
+    versions = [int(m[1]) for m in map(_VERSION_DIR.fullmatch, _entry_names(adapter_dir)) if m]
+    if (adapter_dir / CONFIG_FILE).is_file():
+        versions.append(1)
+    return max(versions, default=0) + 1
+
+
+def _read_meta(path: Path) -> AdapterVersion | None:
+    try:
+        return AdapterVersion.from_meta(json.loads(path.read_bytes()), path.parent)
+    except FileNotFoundError:  # deleted meanwhile
+        return None
+    except (OSError, ValueError, TypeError, KeyError):
+        log.warning("unreadable %s", path)
+        return None
+
+
+def _entry_names(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _id_subdirs(directory: Path) -> list[str]:
+    """Names of real (not symlinked) subdirectories that are valid id parts."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    return sorted(e.name for e in entries if is_id_part(e.name) and e.is_dir(follow_symlinks=False))
+
+
+def _tree_bytes(directory: Path) -> int:
+    total = 0
+    for root, _, names in os.walk(directory):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a partial one, even after a crash."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        _write_synced(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # not empty (or already gone): nothing to tidy
