@@ -99,21 +99,21 @@ def test_serve_runs_uvicorn_with_the_app(monkeypatch):
     fake_app_module = types.ModuleType("loraplex.api.app")
     fake_app_module.create_app = lambda settings: built.setdefault("app", ("app-for", settings))
     monkeypatch.setitem(sys.modules, "loraplex.api.app", fake_app_module)
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: ran.update(app=app, **kwargs))
+    monkeypatch.setattr(
+        "loraplex.api.server.serve", lambda app, settings, **kwargs: ran.update(app=app, settings=settings, **kwargs)
+    )
     monkeypatch.setenv("LORAPLEX_HOST", "0.0.0.0")
 
     assert cli.main(["serve", "--port", "8123", "--log-level", "warning"]) == 0
 
     settings = built["app"][1]
-    assert (settings.host, settings.port) == ("0.0.0.0", 8123)
-    assert ran["app"] is built["app"]
-    assert (ran["host"], ran["port"], ran["workers"], ran["log_level"]) == ("0.0.0.0", 8123, 1, "warning")
-    assert ran["timeout_graceful_shutdown"] == cli.GRACEFUL_SHUTDOWN_S > 0
-    assert ran["lifespan"] == "on"
+    assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 8123, "warning")
+    assert ran["app"] is built["app"] and ran["settings"] is settings
+    assert ran["graceful_shutdown_s"] == cli.GRACEFUL_SHUTDOWN_S > 0
 
 
 def test_unknown_log_level_is_refused(monkeypatch):
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("must not start"))
+    monkeypatch.setattr("loraplex.api.server.serve", lambda *a, **k: pytest.fail("must not start"))
     with pytest.raises(SystemExit, match="unknown log level"):
         cli.main(["serve", "--log-level", "chatty"])
 

@@ -7,8 +7,6 @@ in `COMMANDS`.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -19,8 +17,7 @@ from pydantic import ValidationError
 from loraplex.config import Settings
 
 ENV_PREFIX = "LORAPLEX_"
-GRACEFUL_SHUTDOWN_S = 30  # in-flight requests get this long to finish after SIGTERM
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+GRACEFUL_SHUTDOWN_S = 5  # after the drain, uvicorn's own wait for connections to close
 
 
 class Command(NamedTuple):
@@ -30,20 +27,13 @@ class Command(NamedTuple):
 
 def serve(settings: Settings) -> int:
     """Run the HTTP API in this process (one uvicorn worker: the engine owns the model and the device)."""
-    import uvicorn
+    from loraplex.api.log_config import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     from loraplex.api.app import create_app  # heavy (torch, the engine): only when serving
+    from loraplex.api.server import serve as serve_app
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_level=settings.log_level.lower(),
-        lifespan="on",  # a failed startup (model load) must stop the server, not be ignored
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
+    serve_app(create_app(settings), settings, graceful_shutdown_s=GRACEFUL_SHUTDOWN_S)
     return 0
 
 
@@ -80,13 +70,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags given on the command line override the environment (pydantic-settings: init > env > default)."""
     given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
     return Settings(**given)
-
-
-def configure_logging(level: str) -> None:
-    numeric = logging.getLevelNamesMapping().get(level.upper())
-    if numeric is None:
-        raise SystemExit(f"loraplex: unknown log level {level!r}")
-    logging.basicConfig(level=numeric, format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 
 def flag_name(field: str) -> str:

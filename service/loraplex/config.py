@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects (with request ids) or plain text.")
+    drain_grace_s: float = Field(30.0, ge=0, le=3600, description="After SIGTERM: how long in-flight requests may run before the server exits.")
 
     # Model
     model: str = Field("demo", description="`demo` (tiny Llama built offline), an HF model directory or a hub id.")

@@ -17,7 +17,9 @@ from fastapi import FastAPI
 
 from loraplex import __version__
 from loraplex.api.errors import install_error_handlers
-from loraplex.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from loraplex.api.drain import DrainState
+from loraplex.api.metrics import ServiceMetrics
+from loraplex.api.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware, RequestIdMiddleware
 from loraplex.api.routes import ROUTERS
 from loraplex.config import Settings
 from loraplex.engine.async_engine import AsyncEngine
@@ -33,8 +35,11 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.adapter_store = LocalAdapterStore(
         settings.data_dir, settings.max_lora_rank, settings.lora_target_module_list
     )
+    app.state.metrics = ServiceMetrics()
+    app.state.drain = DrainState()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, drain=app.state.drain)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id, 413s included
     for router in ROUTERS:
         app.include_router(router)
@@ -47,6 +52,8 @@ def _lifespan(given_engine: AsyncEngine | None):
         engine = given_engine or await asyncio.to_thread(_build_engine, app.state.settings)
         app.state.tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         engine.start()  # idempotent
+        app.state.metrics.watch_engine(engine, app.state.drain)
+        app.state.loop = asyncio.get_running_loop()
         app.state.engine = engine
         log.info("serving %s (max_model_len=%d)", engine.model_name, engine.max_model_len)
         try:

@@ -1,13 +1,20 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it breaks streaming and disconnect detection)."""
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from loraplex.api.errors import PayloadTooLarge, RequestTooLarge, error_response
+from loraplex.api.drain import UNCOUNTED_PATHS, DrainState
+from loraplex.api.errors import PayloadTooLarge, RequestTooLarge, ServiceUnavailable, error_response
+from loraplex.api.log_config import request_id_var
+from loraplex.api.metrics import ServiceMetrics
+
+log = logging.getLogger("loraplex.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_KEY = "loraplex.request_id"
@@ -30,6 +37,7 @@ class RequestIdMiddleware:
         incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         scope[_REQUEST_ID_KEY] = request_id
+        request_id_var.set(request_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -65,3 +73,42 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, receive_limited, send)
+
+
+class ObservabilityMiddleware:
+    """Counts in-flight requests for the drain, refuses new work while draining, records HTTP metrics
+    (labelled by route template, so cardinality stays bounded) and writes one access-log line each."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, drain: DrainState):
+        self.app, self.metrics, self.drain = app, metrics, drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path in UNCOUNTED_PATHS:
+            return await self.app(scope, receive, send)
+        started = time.monotonic()
+        status = 500
+
+        async def send_recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.drain.request_started()
+        try:
+            if self.drain.is_draining:
+                refusal = ServiceUnavailable("The server is shutting down; retry on another replica.",
+                                             headers={"Retry-After": "1", "Connection": "close"})
+                await error_response(refusal)(scope, receive, send_recording)
+            else:
+                await self.app(scope, receive, send_recording)
+        finally:
+            self.drain.request_finished()
+            seconds = time.monotonic() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe_http(route, scope["method"], status, seconds)
+            log.info("request", extra={"method": scope["method"], "path": path, "status": status,
+                                       "duration_ms": round(seconds * 1000, 1)})

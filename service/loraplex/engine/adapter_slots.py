@@ -26,6 +26,7 @@ class AdapterSlots:
         self._free = list(range(max_loras, 0, -1))  # pop() yields 1 first
         self._by_key: dict[str, SlotState] = {}
         self._clock = itertools.count(1)
+        self.num_evictions = 0
 
     def slot_of(self, key: str) -> SlotState | None:
         return self._by_key.get(key)
@@ -48,6 +49,7 @@ class AdapterSlots:
             assert victim is not None, "no slot can be freed"
             evicted = victim.key
             index = victim.index
+            self.num_evictions += 1
             del self._by_key[victim.key]
         self._by_key[key] = SlotState(index, key, last_used=next(self._clock))
         return index, evicted

@@ -31,6 +31,10 @@ class AsyncEngine:
         self._is_stopping = threading.Event()
         self._last_stats: dict = engine.stats()
         engine.on_wake = lambda: self._inbox.put(("wake", None))
+        # Observers (metrics) called on the engine thread: keep them cheap and non-blocking.
+        self.finish_listeners: list = []  # fn(RequestOutput) for every finished request
+        engine.on_adapter_loaded = self._adapter_loaded
+        self.load_listeners: list = []  # fn(adapter key, seconds)
 
     @property
     def is_ready(self) -> bool:
@@ -138,7 +142,18 @@ class AsyncEngine:
             failed.append((request_id, exc))
         return failed
 
+    def _adapter_loaded(self, key: str, seconds: float) -> None:
+        for listener in self.load_listeners:
+            listener(key, seconds)
+
+    def _notify_finished(self, results: list) -> None:
+        for _, item in results:
+            if isinstance(item, RequestOutput) and item.is_finished:
+                for listener in self.finish_listeners:
+                    listener(item)
+
     def _deliver(self, results: list) -> None:
+        self._notify_finished(results)
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
             for request_id, item in results:

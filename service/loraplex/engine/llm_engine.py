@@ -46,6 +46,8 @@ class LLMEngine:
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
         self.on_wake = lambda: None  # called from the loader thread when a load completes
+        self.on_adapter_loaded = lambda key, seconds: None  # called on the engine thread
+        self.num_adapter_loads = 0
 
     # --- requests -------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -136,19 +138,22 @@ class LLMEngine:
     # --- adapters --------------------------------------------------------------------------
     def _start_load(self, lora: LoraRequest, slot: int) -> None:
         shapes = self.lora_pool.module_shapes
+        started = time.monotonic()
         future = self._loader.submit(
             read_adapter, lora.key, lora.path, self.config.max_lora_rank, shapes, self.config.torch_dtype
         )
-        future.add_done_callback(lambda f: (self.completed_loads.put((lora.key, slot, f)), self.on_wake()))
+        future.add_done_callback(lambda f: (self.completed_loads.put((lora.key, slot, f, started)), self.on_wake()))
 
     def _apply_completed_loads(self) -> list[StepResult]:
         results = []
         while not self.completed_loads.empty():
-            key, slot, future = self.completed_loads.get()
+            key, slot, future, started = self.completed_loads.get()
             error = future.exception()
             if error is None:
                 self.lora_pool.write(slot, future.result())
                 self.slots.mark_ready(key)
+                self.num_adapter_loads += 1
+                self.on_adapter_loaded(key, time.monotonic() - started)
                 continue
             log.warning("adapter %s failed to load: %s", key, error)
             self.slots.drop(key)
@@ -172,6 +177,9 @@ class LLMEngine:
             "running_adapters": sorted({s.lora_key for s in running if s.lora_key}),
             "waiting_adapters": sorted({s.lora_key for s in list(self.scheduler.waiting) if s.lora_key}),
             "max_loras": self.config.max_loras,
+            "max_batch_size": self.config.max_batch_size,
+            "num_adapter_loads": self.num_adapter_loads,
+            "num_adapter_evictions": self.slots.num_evictions,
         }
 
     def shutdown(self) -> None:

@@ -19,7 +19,7 @@ def load_model(model_path: str, dtype: torch.dtype, device: torch.device, max_mo
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise EngineError(f"model type {config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
     _warn_on_limits(config, max_model_len)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype).to(device)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     hf_model.eval().requires_grad_(False)
     cos, sin = _rope_tables(hf_model, max_model_len, device)
     return LlamaForServing(hf_model, cos, sin).eval()

@@ -1,7 +1,9 @@
-"""Kubernetes probes: /healthz (process alive), /readyz (engine serving), /startupz (model loaded)."""
+"""Kubernetes probes: /healthz (process alive), /readyz (engine serving, not draining),
+/startupz (model loaded); and the Prometheus scrape endpoint /metrics."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplex.api.errors import ServiceUnavailable
 
@@ -18,6 +20,8 @@ async def readyz(request: Request) -> dict[str, str]:
     engine = request.app.state.engine
     if engine is None or not engine.is_ready:
         raise ServiceUnavailable("The engine is not ready.")
+    if request.app.state.drain.is_draining:
+        raise ServiceUnavailable("The server is draining.")
     return {"status": "ready"}
 
 
@@ -26,3 +30,8 @@ async def startupz(request: Request) -> dict[str, str]:
     if request.app.state.engine is None:
         raise ServiceUnavailable("The model is still loading.")
     return {"status": "started"}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

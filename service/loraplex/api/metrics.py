@@ -1,0 +1,113 @@
+"""Prometheus metrics: HTTP traffic, engine request latencies, and engine state read at scrape time.
+
+Names follow two conventions at once: `loraplex_*` for our dashboards, and the vLLM names the
+Gateway API Inference Extension endpoint picker reads (`vllm:num_requests_waiting`,
+`vllm:num_requests_running`, `vllm:gpu_cache_usage_perc`, `vllm:lora_requests_info`).
+Per-adapter labels appear only on the LoRA info gauge, bounded by max_loras.
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from loraplex.engine.types import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter("loraplex_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
+        self.http_latency = Histogram("loraplex_http_request_duration_seconds", "HTTP request duration (until the last byte)", ["route", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("loraplex_request_queue_seconds", "Time from arrival to admission into the batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("loraplex_time_per_output_token_seconds", "Mean time per output token after the first", buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("loraplex_e2e_request_latency_seconds", "Engine time from arrival to the last token", buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("loraplex_requests_finished", "Finished engine requests by reason", ["finish_reason"], registry=r)
+        self.adapter_load = Histogram("loraplex_adapter_load_seconds", "Adapter load latency, storage to device slot", buckets=LATENCY_BUCKETS, registry=r)
+
+    def observe_finished(self, output: RequestOutput) -> None:
+        m = output.metrics
+        for histogram, key in ((self.queue_time, "queue_s"), (self.ttft, "ttft_s"), (self.tpot, "tpot_s"), (self.e2e, "e2e_s")):
+            if key in m:
+                histogram.observe(m[key])
+        self.prompt_tokens.inc(output.num_prompt_tokens)
+        self.generation_tokens.inc(output.num_output_tokens)
+        self.finished.labels(output.finish_reason.value).inc()
+
+    def observe_adapter_load(self, key: str, seconds: float) -> None:
+        self.adapter_load.observe(seconds)
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_latency.labels(route, str(status)).observe(seconds)
+
+    def watch_engine(self, engine, drain) -> None:
+        engine.finish_listeners.append(self.observe_finished)
+        engine.load_listeners.append(self.observe_adapter_load)
+        self.registry.register(EngineStateCollector(engine, drain))
+
+
+class EngineStateCollector:
+    """Gauges read from the engine's last step statistics at scrape time (no hot-path cost)."""
+
+    def __init__(self, engine, drain):
+        self.engine, self.drain = engine, drain
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        stats = self.engine.stats()
+        num_waiting = max(stats["num_pending"] - stats["num_running"], 0)
+        yield from _gauges({
+            "loraplex_num_requests_running": ("Requests in the running batch", stats["num_running"]),
+            "loraplex_num_requests_waiting": ("Requests waiting for admission", num_waiting),
+            "loraplex_kv_cache_usage": ("KV cache tokens in use / capacity", stats["kv_cache_usage"]),
+            "loraplex_batch_size": ("Sequences decoded in the last step", stats["num_running"]),
+            "loraplex_adapters_resident": ("Adapters resident in device slots", len(stats["resident_adapters"])),
+            "loraplex_adapter_slots": ("Device adapter slots (max_loras)", stats["max_loras"]),
+            "loraplex_draining": ("1 while draining after SIGTERM", int(self.drain.is_draining)),
+            "vllm:num_requests_running": ("Running requests (endpoint-picker name)", stats["num_running"]),
+            "vllm:num_requests_waiting": ("Waiting requests (endpoint-picker name)", num_waiting),
+            "vllm:gpu_cache_usage_perc": ("KV cache usage 0..1 (endpoint-picker name)", stats["kv_cache_usage"]),
+        })
+        for name, doc, value in (
+            ("loraplex_adapter_loads", "Adapter loads into device slots", stats["num_adapter_loads"]),
+            ("loraplex_adapter_evictions", "Adapters evicted from device slots", stats["num_adapter_evictions"]),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], value)
+            yield counter
+        yield _lora_info(stats)
+
+
+def _gauges(values: dict[str, tuple[str, float]]):
+    for name, (doc, value) in values.items():
+        gauge = GaugeMetricFamily(name, doc)
+        gauge.add_metric([], value)
+        yield gauge
+
+
+def _lora_info(stats: dict) -> GaugeMetricFamily:
+    """The LoRA-affinity gauge: labels carry the adapter sets, the value is a timestamp (as vLLM does)."""
+    gauge = GaugeMetricFamily(
+        "vllm:lora_requests_info", "Running and waiting LoRA adapters",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
+    running = ",".join(_adapter_name(k) for k in stats["running_adapters"])
+    waiting = ",".join(_adapter_name(k) for k in stats["waiting_adapters"])
+    gauge.add_metric([str(stats["max_loras"]), running, waiting], time.time())
+    return gauge
+
+
+def _adapter_name(key: str) -> str:
+    """Engine keys are `<tenant>/<name>@<hash>`; the router matches on the model name a client sends."""
+    return key.split("@", 1)[0]
