@@ -11,6 +11,7 @@ from loraplex.engine.adapter_slots import AdapterSlots
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.errors import AdapterError, InvalidRequestError, PromptTooLongError
+from loraplex.engine.host_cache import HostLoraCache
 from loraplex.engine.kv_cache import KVCache, RowAllocator
 from loraplex.engine.lora_pool import LoraPool
 from loraplex.engine.lora_weights import HostLora, read_adapter
@@ -42,6 +43,8 @@ class LLMEngine:
         self.vocab_size = mc.vocab_size
         self.eos_token_ids = _eos_ids(tokenizer, model) | set(config.extra_eos_token_ids)
         self.completed_loads: queue.SimpleQueue = queue.SimpleQueue()
+        self.host_cache = HostLoraCache(config.max_cpu_loras)
+        self.pinned_keys: set[str] = set()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-loader")
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -91,6 +94,8 @@ class LLMEngine:
         if batch.is_empty:
             return results
         tokens, logprobs = self.runner.run(batch)
+        self.scheduler.charge(batch.decode_seqs, [1] * len(batch.decode_seqs))
+        self.scheduler.charge(batch.prefill_seqs, [len(s.prompt_ids) for s in batch.prefill_seqs])
         return results + self._postprocess(batch, tokens, logprobs)
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[StepResult]:
@@ -137,12 +142,60 @@ class LLMEngine:
 
     # --- adapters --------------------------------------------------------------------------
     def _start_load(self, lora: LoraRequest, slot: int) -> None:
-        shapes = self.lora_pool.module_shapes
         started = time.monotonic()
-        future = self._loader.submit(
-            read_adapter, lora.key, lora.path, self.config.max_lora_rank, shapes, self.config.torch_dtype
-        )
+        future = self._loader.submit(self._read_adapter, lora)
         future.add_done_callback(lambda f: (self.completed_loads.put((lora.key, slot, f, started)), self.on_wake()))
+
+    def _read_adapter(self, lora: LoraRequest) -> HostLora:
+        """Loader thread: the host tier if it has this version, else storage (then cached on the host)."""
+        host = self.host_cache.get(lora.key)
+        if host is None:
+            host = read_adapter(lora.key, lora.path, self.config.max_lora_rank,
+                                self.lora_pool.module_shapes, self.config.torch_dtype)
+            self.host_cache.put(host)
+        return host
+
+    # --- residency control (admin) ---------------------------------------------------------------
+    def ensure_resident(self, lora: LoraRequest) -> bool:
+        """Start loading `lora` into a device slot if it is not there. False if no slot can be freed."""
+        if self.slots.slot_of(lora.key) is not None:
+            return True
+        if not self.slots.can_load():
+            return False
+        slot, _ = self.slots.load(lora.key)
+        self._start_load(lora, slot)
+        return True
+
+    def set_pinned(self, lora: LoraRequest, is_pinned: bool) -> bool:
+        """Pinned adapters are loaded now and never evicted. False if no slot can be freed for it."""
+        if not is_pinned:
+            self.pinned_keys.discard(lora.key)
+            if self.slots.slot_of(lora.key) is not None:
+                self.slots.pin(lora.key, False)
+            return True
+        if not self.ensure_resident(lora):
+            return False
+        self.pinned_keys.add(lora.key)
+        self.slots.pin(lora.key, True)
+        return True
+
+    def evict(self, key: str) -> bool:
+        """Drop an idle adapter from its device slot and the host tier. False while requests use it."""
+        state = self.slots.slot_of(key)
+        if state is not None and (state.num_refs or not state.is_ready):
+            return False
+        self.pinned_keys.discard(key)
+        self.host_cache.discard(key)
+        if state is not None:
+            self.lora_pool.clear(self.slots.drop(key))
+        return True
+
+    def residency(self, key: str) -> str:
+        """device | loading | host | storage"""
+        state = self.slots.slot_of(key)
+        if state is not None:
+            return "device" if state.is_ready else "loading"
+        return "host" if self.host_cache.get(key) is not None else "storage"
 
     def _apply_completed_loads(self) -> list[StepResult]:
         results = []
@@ -174,6 +227,8 @@ class LLMEngine:
             "kv_cache_usage": used_tokens / capacity,
             "kv_rows_usage": len(running) / self.config.max_batch_size,
             "resident_adapters": self.slots.resident_keys(),
+            "host_adapters": self.host_cache.keys(),
+            "pinned_adapters": sorted(self.pinned_keys),
             "running_adapters": sorted({s.lora_key for s in running if s.lora_key}),
             "waiting_adapters": sorted({s.lora_key for s in list(self.scheduler.waiting) if s.lora_key}),
             "max_loras": self.config.max_loras,

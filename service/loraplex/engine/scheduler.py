@@ -3,6 +3,11 @@
 Every running sequence decodes one token per step; waiting sequences are admitted (prefilled)
 in the same step while a KV row, prompt-token budget and a ready adapter slot are available.
 A sequence whose adapter is cold asks for a load and waits; others keep being admitted.
+
+Admission is fair across tenants (a virtual token counter): waiting sequences are considered in
+order of how many tokens their tenant has been served, so one tenant's flood cannot starve another;
+within a tenant, arrival order holds. A tenant that becomes active starts level with the least
+served active tenant (it gets no credit for having been idle).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i].row == i
         self._pending_moves: list[tuple[int, int, int]] = []
+        self.served_tokens: dict[str, int] = {}  # tenant -> virtual token counter
 
     @property
     def num_waiting(self) -> int:
@@ -49,7 +55,18 @@ class Scheduler:
         return len(self.running)
 
     def add(self, seq: Sequence) -> None:
+        if seq.tenant not in self._active_tenants():
+            floor = min((self.served_tokens[t] for t in self._active_tenants()), default=0)
+            self.served_tokens[seq.tenant] = max(self.served_tokens.get(seq.tenant, 0), floor)
         self.waiting.append(seq)
+
+    def charge(self, seqs: list[Sequence], num_tokens: list[int]) -> None:
+        """Count tokens computed for each sequence against its tenant."""
+        for seq, n in zip(seqs, num_tokens):
+            self.served_tokens[seq.tenant] = self.served_tokens.get(seq.tenant, 0) + n
+
+    def _active_tenants(self) -> set[str]:
+        return {s.tenant for s in self.waiting} | {s.tenant for s in self.running}
 
     def schedule(self) -> ScheduledBatch:
         decode_seqs = list(self.running)
@@ -60,7 +77,8 @@ class Scheduler:
 
     def _admit(self) -> tuple[list[Sequence], list[tuple[LoraRequest, int]]]:
         admitted, loads, budget = [], [], self.max_num_batched_tokens
-        for seq in list(self.waiting):
+        fair_order = sorted(self.waiting, key=lambda s: (self.served_tokens.get(s.tenant, 0), s.arrival_time))
+        for seq in fair_order:
             if not self.rows.can_allocate():
                 break
             if len(seq.prompt_ids) > budget:

@@ -1,0 +1,93 @@
+"""The adapter registry as the API sees it: every call is authorized for a principal first.
+
+Routes stay thin: they turn HTTP into these calls; this module holds the rules (who may use,
+list, upload, delete what) and hides the store and the validation pipeline behind them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from loraplex.engine.types import LoraRequest
+from loraplex.registry.archive import extract_adapter_archive
+from loraplex.registry.auth import Principal, can_use, require_manage, require_use
+from loraplex.registry.errors import Forbidden, InvalidAdapterFile
+from loraplex.registry.validation import ValidatedAdapter, validate_adapter_files
+from loraplex.registry.versioned_store import AdapterVersion, VersionedAdapterStore, is_id_part
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_lora_rank: int
+    max_adapter_bytes: int
+    max_archive_members: int = 16
+
+
+class AdapterRegistry:
+    def __init__(self, store: VersionedAdapterStore, module_shapes: Mapping[tuple[int, str], tuple[int, int]], limits: UploadLimits):
+        self.store, self.module_shapes, self.limits = store, dict(module_shapes), limits
+
+    # --- reads ----------------------------------------------------------------------------
+    def resolve(self, principal: Principal, adapter_id: str) -> AdapterVersion:
+        """The version a request for `adapter_id` (`t/n` = latest, `t/n@v`) runs with; 404 if not usable."""
+        record = self.store.get_by_id(adapter_id)  # AdapterNotFound for a malformed id too
+        require_use(principal, record, adapter_id)
+        return record
+
+    def lora_request(self, principal: Principal, adapter_id: str) -> LoraRequest:
+        return self.resolve(principal, adapter_id).lora_request()
+
+    def list(self, principal: Principal, after: str | None = None, limit: int = 50) -> list[AdapterVersion]:
+        tenant = None if principal.is_admin and principal.tenant is None else principal.tenant
+        records = self.store.list(tenant, include_shared=True, after=after, limit=limit)
+        return [r for r in records if can_use(principal, r)]
+
+    # --- writes ---------------------------------------------------------------------------
+    def upload(self, principal: Principal, name: str, files: Mapping[str, bytes] | None = None,
+               archive: bytes | None = None, tenant: str | None = None, shared: bool = False) -> AdapterVersion:
+        owner = self._owner_for_upload(principal, tenant)
+        if shared and not principal.is_admin:
+            raise Forbidden("only an admin can publish a shared adapter")
+        if not is_id_part(name):
+            raise InvalidAdapterFile("name must match [a-z0-9][a-z0-9_.-]{0,62}", "name", name)
+        if archive is not None:
+            files = extract_adapter_archive(archive, self.limits.max_adapter_bytes, self.limits.max_archive_members)
+        validated = self._validate(files or {}, f"{owner}/{name}")
+        return self.store.put(owner, name, files, validated, shared=shared)
+
+    def delete(self, principal: Principal, adapter_id: str) -> AdapterVersion:
+        record = self.manageable(principal, adapter_id)
+        self.store.delete(record.tenant, record.name)
+        return record
+
+    def manageable(self, principal: Principal, adapter_id: str) -> AdapterVersion:
+        record = self.resolve(principal, adapter_id)
+        require_manage(principal, record, adapter_id)
+        return record
+
+    def set_shared(self, principal: Principal, adapter_id: str, shared: bool) -> AdapterVersion:
+        if not principal.is_admin:
+            raise Forbidden("only an admin can share or unshare adapters")
+        record = self.resolve(principal, adapter_id)
+        files = {CONFIG_FILE: (record.path / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: (record.path / WEIGHTS_FILE).read_bytes()}
+        return self.store.put(record.tenant, record.name, files, self._validate(files, record.id), shared=shared)
+
+    def _owner_for_upload(self, principal: Principal, tenant: str | None) -> str:
+        if tenant and tenant != principal.tenant and not principal.is_admin:
+            raise Forbidden("a tenant can only upload adapters of its own")
+        owner = tenant or principal.tenant
+        if not owner or not is_id_part(owner):
+            raise InvalidAdapterFile("give the owning tenant (admin uploads need `tenant`)", "tenant", "upload")
+        return owner
+
+    def _validate(self, files: Mapping[str, bytes], adapter_id: str) -> ValidatedAdapter:
+        for required in (CONFIG_FILE, WEIGHTS_FILE):
+            if required not in files:
+                raise InvalidAdapterFile(f"missing {required}", required, adapter_id)
+        return validate_adapter_files(
+            files[CONFIG_FILE], files[WEIGHTS_FILE], self.module_shapes,
+            self.limits.max_lora_rank, self.limits.max_adapter_bytes, adapter_id=adapter_id,
+        )
