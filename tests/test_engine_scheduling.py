@@ -139,3 +139,16 @@ def test_rank_over_limit_is_refused(engine, make_adapter):
     engine.add_request("big", [0, 4, 5], greedy(5), lora(big))
     done, _ = _collect(engine)
     assert isinstance(done["big"], AdapterError) and "max_lora_rank" in str(done["big"])
+
+
+def test_one_tenants_flood_does_not_starve_another(demo_model_dir):
+    engine = build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=8, max_model_len=256, max_batch_size=2)
+    for i in range(12):
+        engine.add_request(f"flood{i}", [0, 5, 6 + i], greedy(20), None, tenant="acme")
+    engine.step()  # the flood fills both rows
+    engine.add_request("victim", [0, 9, 9], greedy(20), None, tenant="globex")
+    finished = []
+    while engine.unfinished_request_ids():
+        finished += [rid for rid, out in engine.step() if out.is_finished]
+    # FIFO would finish the victim 13th; fair admission lets it in at the first free row.
+    assert finished.index("victim") <= 3, finished

@@ -40,9 +40,6 @@ PICKER_METRICS = {
 }
 QUEUE_METRIC = "loraplex_num_requests_waiting"
 # Settings the deploy contract names before service/loraplex/config.py declares them.
-PENDING_SETTINGS = {"redis_url", "api_keys", "admin_key"}
-
-
 # --- a kustomize subset ---------------------------------------------------------------------------
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "resources", "components", "images", "patches"}
 # Strategic-merge keys of the lists we patch; any other list is replaced, as kustomize does for
@@ -362,7 +359,7 @@ def test_gpu_overlays_route_and_monitor() -> None:
 
 def test_settings_names_are_real(overlay) -> None:
     """A misspelt LORAPLEX_* key is silently ignored by pydantic-settings; catch it here."""
-    fields = settings_fields() | PENDING_SETTINGS
+    fields = settings_fields()
     for kind, ref in (("ConfigMap", "loraplex-config"), ("Secret", "loraplex-api-keys")):
         obj = index(overlay[1])[(kind, ref)]
         for key in {**obj.get("data", {}), **obj.get("stringData", {})}:

@@ -39,6 +39,20 @@ class Settings(BaseSettings):
         description="Comma-separated projections that adapters may target (pool buffers exist only for these).",
     )
 
+    max_cpu_loras: int = Field(32, ge=0, le=4096, description="Parsed adapters kept in host memory (the tier between storage and device slots).")
+
+    # Tenants, auth and the registry
+    api_keys: str | None = Field(None, description="`key:tenant` pairs, comma-separated. No keys and no admin key = single-tenant dev mode.")
+    api_keys_file: Path | None = Field(None, description="File with one `key:tenant` per line (alternative to api_keys).")
+    admin_key: str | None = Field(None, description="Bearer key of the admin (pin/unpin/load/evict, shared adapters, every tenant).")
+    redis_url: str | None = Field(None, description="Redis for the adapter index and change feed shared by replicas; unset = local index.")
+    redis_namespace: str = Field("loraplex", description="Prefix of every Redis key and channel.")
+    max_adapter_bytes: int = Field(256 << 20, ge=1024, description="Largest adapter upload (config + weights, or the archive's content).")
+    max_adapters_per_tenant: int = Field(100, ge=1, description="Adapters a tenant may own.")
+    max_adapter_bytes_per_tenant: int = Field(10 << 30, ge=1024, description="Bytes of adapters (all versions) a tenant may store.")
+    tenant_requests_per_minute: int = Field(0, ge=0, description="Per-tenant request rate limit (0 = unlimited); over it: 429 + Retry-After.")
+    tenant_tokens_per_minute: int = Field(0, ge=0, description="Per-tenant limit on prompt + max tokens per minute (0 = unlimited).")
+
     # Request limits
     max_prompt_chars: int = Field(200_000, ge=1, description="Largest prompt string accepted (characters).")
     max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")

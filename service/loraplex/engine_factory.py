@@ -35,6 +35,7 @@ def engine_config(settings: Settings, model_path: str) -> EngineConfig:
         device=settings.device,
         dtype=settings.dtype,
         max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
         max_lora_rank=settings.max_lora_rank,
         max_batch_size=settings.max_batch_size,
         max_model_len=settings.max_model_len,

@@ -1,4 +1,4 @@
-"""The FastAPI application: settings, engine and adapter store on `app.state`, routers, error handlers.
+"""The FastAPI application: settings, engine and adapter registry on `app.state`, routers, error handlers.
 
 `create_app(settings, engine=None)`: the lifespan builds the engine from settings when none is given
 (loading the model in a worker thread) and starts it. Whoever creates the engine shuts it down: the
@@ -23,7 +23,9 @@ from loraplex.api.middleware import BodySizeLimitMiddleware, ObservabilityMiddle
 from loraplex.api.routes import ROUTERS
 from loraplex.config import Settings
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.registry import LocalAdapterStore
+from loraplex.api.rate_limit import TenantRateLimiter
+from loraplex.registry.auth import load_api_keys
+from loraplex.registry.factory import build_registry
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +34,16 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app = FastAPI(title="loraplex", version=__version__, lifespan=_lifespan(engine))
     app.state.settings = settings
     app.state.engine = None  # set once the model is loaded and the engine loop runs
-    app.state.adapter_store = LocalAdapterStore(
-        settings.data_dir, settings.max_lora_rank, settings.lora_target_module_list
-    )
+    app.state.registry = None  # needs the model's module shapes: built with the engine
+    app.state.api_keys = load_api_keys(settings.api_keys, settings.api_keys_file)
+    app.state.rate_limiter = TenantRateLimiter(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute)
+    if not app.state.api_keys and not settings.admin_key:
+        log.warning("no API keys configured: single-tenant dev mode, every caller is the admin of tenant 'default'")
     app.state.metrics = ServiceMetrics()
     app.state.drain = DrainState()
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       max_upload_bytes=settings.max_adapter_bytes + (1 << 20))  # + multipart framing
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, drain=app.state.drain)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id, 413s included
     for router in ROUTERS:
@@ -54,17 +59,30 @@ def _lifespan(given_engine: AsyncEngine | None):
         engine.start()  # idempotent
         app.state.metrics.watch_engine(engine, app.state.drain)
         app.state.loop = asyncio.get_running_loop()
+        runtime = build_registry(app.state.settings, engine.engine.lora_pool.module_shapes)
+        runtime.feed.start(lambda event: _on_registry_change(engine, event))
+        app.state.registry = runtime.registry
         app.state.engine = engine
         log.info("serving %s (max_model_len=%d)", engine.model_name, engine.max_model_len)
         try:
             yield
         finally:
             app.state.engine = None
+            runtime.close()
             if given_engine is None:
                 await asyncio.to_thread(engine.shutdown)
             app.state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     return lifespan
+
+
+def _on_registry_change(engine: AsyncEngine, event) -> None:
+    """A delete on any replica: free this replica's idle cached versions (running requests keep theirs).
+    Nothing else needs invalidating for correctness: lookups read the index and every engine cache is
+    keyed by version + content hash, so a stale entry can only waste a slot until LRU reuses it."""
+    if event.get("op") == "delete" and event.get("tenant") and event.get("name"):
+        adapter_id = f"{event['tenant']}/{event['name']}"
+        engine.submit(lambda e: e.evict_versions_of(adapter_id))
 
 
 def _build_engine(settings: Settings) -> AsyncEngine:

@@ -1,6 +1,7 @@
 """Dependencies: the shared objects on `app.state`, as `Annotated` aliases for route signatures.
 
-Auth is a later issue: a `TenantDep` added to `get_generation_context` reaches every generation route.
+`PrincipalDep` authenticates the bearer key on every API route; generation routes get it through
+`GenerationContextDep`, so no route can forget it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from loraplex.api.middleware import request_id_of
 from loraplex.api.serving.context import GenerationContext
 from loraplex.config import Settings
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.registry import LocalAdapterStore
+from loraplex.registry.auth import Principal, authenticate
+from loraplex.registry.service import AdapterRegistry
 
 
 def get_settings(request: Request) -> Settings:
@@ -27,8 +29,16 @@ def get_engine(request: Request) -> AsyncEngine:
     return engine
 
 
-def get_store(request: Request) -> LocalAdapterStore:
-    return request.app.state.adapter_store
+def get_registry(request: Request) -> AdapterRegistry:
+    registry = request.app.state.registry
+    if registry is None:
+        raise ServiceUnavailable("The model is still loading.")
+    return registry
+
+
+def get_principal(request: Request) -> Principal:
+    state = request.app.state
+    return authenticate(request.headers.get("authorization"), state.api_keys, state.settings.admin_key)
 
 
 def get_request_id(request: Request) -> str:
@@ -37,16 +47,20 @@ def get_request_id(request: Request) -> str:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
-StoreDep = Annotated[LocalAdapterStore, Depends(get_store)]
+RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
 def get_generation_context(
-    request: Request, engine: EngineDep, store: StoreDep, settings: SettingsDep, request_id: RequestIdDep
+    request: Request, principal: PrincipalDep, engine: EngineDep, registry: RegistryDep, settings: SettingsDep,
+    request_id: RequestIdDep,
 ) -> GenerationContext:
     return GenerationContext(
         engine=engine,
-        store=store,
+        registry=registry,
+        principal=principal,
+        rate_limiter=request.app.state.rate_limiter,
         settings=settings,
         request=request,
         request_id=request_id,

@@ -50,16 +50,18 @@ class RequestIdMiddleware:
 class BodySizeLimitMiddleware:
     """413 for bodies over the limit: at once when Content-Length says so, else while reading."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_upload_bytes = max_upload_bytes  # POST /v1/adapters carries adapter files
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.max_upload_bytes if scope["path"] == "/v1/adapters" else self.max_bytes
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            message = f"Request body is larger than {self.max_bytes} bytes."
+        if declared.isdigit() and int(declared) > max_bytes:
+            message = f"Request body is larger than {max_bytes} bytes."
             response = error_response(PayloadTooLarge(message, headers={"Connection": "close"}))
             return await response(scope, receive, send)
         num_received = 0
@@ -68,8 +70,8 @@ class BodySizeLimitMiddleware:
             nonlocal num_received
             message = await receive()
             num_received += len(message.get("body", b""))
-            if num_received > self.max_bytes:
-                raise RequestTooLarge(self.max_bytes)  # FastAPI re-raises HTTPExceptions from body reads
+            if num_received > max_bytes:
+                raise RequestTooLarge(max_bytes)  # FastAPI re-raises HTTPExceptions from body reads
             return message
 
         await self.app(scope, receive_limited, send)

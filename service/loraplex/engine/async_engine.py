@@ -5,7 +5,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 
 from loraplex.engine.errors import EngineNotRunningError, QueueFullError
 from loraplex.engine.llm_engine import LLMEngine
@@ -84,6 +85,18 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    async def call(self, fn: Callable[[LLMEngine], object]):
+        """Run fn(engine) on the engine thread between steps (admin: pin, load, evict, residency)."""
+        if not self.is_ready:
+            raise EngineNotRunningError("the engine is not running")
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def submit(self, fn: Callable[[LLMEngine], object]) -> Future:
+        """Thread-safe, non-blocking: queue fn(engine) for the engine thread."""
+        future: Future = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
     def _open_stream(self, request_id: str) -> asyncio.Queue:
         num_waiting = len(self._streams) - self._last_stats["num_running"]
         if num_waiting >= self.max_queue:
@@ -130,6 +143,12 @@ class AsyncEngine:
             request_id, prompt_ids, params, lora, tenant = payload
             if request_id in self._streams:  # skip requests whose caller already left
                 self.engine.add_request(request_id, prompt_ids, params, lora, tenant)
+        elif kind == "call":
+            fn, future = payload
+            try:
+                future.set_result(fn(self.engine))
+            except Exception as exc:
+                future.set_exception(exc)
         elif kind == "abort":
             output = self.engine.abort(payload)
             if output is not None:

@@ -190,6 +190,13 @@ class LLMEngine:
             self.lora_pool.clear(self.slots.drop(key))
         return True
 
+    def evict_versions_of(self, adapter_id: str) -> None:
+        """After a delete elsewhere: drop idle cached versions of `<tenant>/<name>` (busy ones finish first)."""
+        prefix = adapter_id + "@"
+        for key in set(self.slots.resident_keys()) | set(self.host_cache.keys()):
+            if key.startswith(prefix):
+                self.evict(key)
+
     def residency(self, key: str) -> str:
         """device | loading | host | storage"""
         state = self.slots.slot_of(key)

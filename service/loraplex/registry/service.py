@@ -41,7 +41,7 @@ class AdapterRegistry:
         return self.resolve(principal, adapter_id).lora_request()
 
     def list(self, principal: Principal, after: str | None = None, limit: int = 50) -> list[AdapterVersion]:
-        tenant = None if principal.is_admin and principal.tenant is None else principal.tenant
+        tenant = None if principal.is_admin else principal.tenant  # the admin (and dev mode) sees all
         records = self.store.list(tenant, include_shared=True, after=after, limit=limit)
         return [r for r in records if can_use(principal, r)]
 

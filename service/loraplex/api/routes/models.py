@@ -5,7 +5,7 @@ import asyncio
 
 from fastapi import APIRouter
 
-from loraplex.api.deps import EngineDep, StoreDep
+from loraplex.api.deps import EngineDep, PrincipalDep, RegistryDep
 from loraplex.api.schemas.openai import ModelCard, ModelList
 from loraplex.api.serving import models
 
@@ -13,10 +13,10 @@ router = APIRouter(tags=["openai"])
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(engine: EngineDep, store: StoreDep) -> ModelList:
-    return await asyncio.to_thread(models.list_models, engine, store)
+async def list_models(engine: EngineDep, registry: RegistryDep, principal: PrincipalDep) -> ModelList:
+    return await asyncio.to_thread(models.list_models, engine, registry, principal)
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
-async def get_model(model_id: str, engine: EngineDep, store: StoreDep) -> ModelCard:
-    return await asyncio.to_thread(models.get_model, model_id, engine, store)
+async def get_model(model_id: str, engine: EngineDep, registry: RegistryDep, principal: PrincipalDep) -> ModelCard:
+    return await asyncio.to_thread(models.get_model, model_id, engine, registry, principal)

@@ -13,7 +13,9 @@ from fastapi import Request
 
 from loraplex.config import Settings
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.registry import LocalAdapterStore
+from loraplex.api.rate_limit import TenantRateLimiter
+from loraplex.registry.auth import Principal
+from loraplex.registry.service import AdapterRegistry
 
 T = TypeVar("T")
 
@@ -21,11 +23,18 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class GenerationContext:
     engine: AsyncEngine
-    store: LocalAdapterStore
+    registry: AdapterRegistry
+    principal: Principal
+    rate_limiter: TenantRateLimiter
     settings: Settings
     request: Request  # the HTTP request, watched for client disconnects
     request_id: str  # X-Request-ID
     tokenizer_pool: Executor  # one thread: tokenizing never blocks the event loop
+
+    @property
+    def tenant(self) -> str:
+        """Who is charged for this request (fairness, rate limits): the caller's tenant."""
+        return self.principal.tenant or "admin"
 
     def new_engine_request_id(self) -> str:
         # Clients may reuse X-Request-ID; the engine needs ids unique among in-flight requests.

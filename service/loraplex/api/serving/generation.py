@@ -73,8 +73,9 @@ class Generation:
 
 
 async def start(ctx: GenerationContext, prepared: PreparedRequest) -> Generation:
+    ctx.rate_limiter.check(ctx.tenant, prepared.num_prompt_tokens + prepared.params.max_tokens)
     stream = ctx.engine.generate(
-        prepared.engine_request_id, prepared.prompt_token_ids, prepared.params, prepared.lora
+        prepared.engine_request_id, prepared.prompt_token_ids, prepared.params, prepared.lora, tenant=ctx.tenant
     )
     try:
         first = await until_disconnected(ctx.request, anext(stream))

@@ -1,4 +1,4 @@
-"""The model list: the base model, then one card per servable adapter in the store."""
+"""The model list: the base model, then one card per adapter the caller may use."""
 from __future__ import annotations
 
 import time
@@ -6,21 +6,25 @@ import time
 from loraplex.api.errors import ModelNotFound
 from loraplex.api.schemas.openai import ModelCard, ModelList
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.registry import AdapterNotFound, AdapterRecord, LocalAdapterStore
+from loraplex.registry import AdapterNotFound
+from loraplex.registry.auth import Principal
+from loraplex.registry.service import AdapterRegistry
+from loraplex.registry.versioned_store import AdapterVersion
 
 BASE_OWNER = "loraplex"
 _STARTED_AT = int(time.time())
 
 
-def list_models(engine: AsyncEngine, store: LocalAdapterStore) -> ModelList:
-    return ModelList(data=[base_card(engine), *(adapter_card(r, engine) for r in store.list())])
+def list_models(engine: AsyncEngine, registry: AdapterRegistry, principal: Principal) -> ModelList:
+    records = registry.list(principal, limit=1000)
+    return ModelList(data=[base_card(engine), *(adapter_card(r, engine) for r in records)])
 
 
-def get_model(model_id: str, engine: AsyncEngine, store: LocalAdapterStore) -> ModelCard:
+def get_model(model_id: str, engine: AsyncEngine, registry: AdapterRegistry, principal: Principal) -> ModelCard:
     if model_id == engine.model_name:
         return base_card(engine)
     try:
-        return adapter_card(store.get(model_id), engine)
+        return adapter_card(registry.resolve(principal, model_id), engine)
     except AdapterNotFound:
         raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model") from None
 
@@ -29,8 +33,8 @@ def base_card(engine: AsyncEngine) -> ModelCard:
     return ModelCard(id=engine.model_name, created=_STARTED_AT, owned_by=BASE_OWNER, max_model_len=engine.max_model_len)
 
 
-def adapter_card(record: AdapterRecord, engine: AsyncEngine) -> ModelCard:
+def adapter_card(record: AdapterVersion, engine: AsyncEngine) -> ModelCard:
     return ModelCard(
-        id=record.id, created=record.created, owned_by=record.tenant, parent=engine.model_name,
+        id=record.id, created=record.created_at, owned_by=record.tenant, parent=engine.model_name,
         max_model_len=engine.max_model_len,
     )

@@ -35,8 +35,7 @@ async def resolve_model(ctx: GenerationContext, model: str) -> LoraRequest | Non
     """None for the base model, else the adapter's content-keyed LoraRequest (registry errors propagate)."""
     if model == ctx.engine.model_name:
         return None
-    record = await asyncio.to_thread(ctx.store.get, model)  # may hash a new file: off the event loop
-    return record.lora_request()
+    return await asyncio.to_thread(ctx.registry.lora_request, ctx.principal, model)  # reads the index
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

@@ -1,0 +1,38 @@
+"""Adapter resource bodies: AdapterPublic / AdaptersPublic / AdapterDeleted."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+Residency = Literal["storage", "host", "loading", "device"]
+
+
+class AdapterPublic(BaseModel):
+    id: str  # "<tenant>/<name>" (the latest version)
+    object: Literal["adapter"] = "adapter"
+    versioned_id: str  # "<tenant>/<name>@<version>"
+    tenant: str
+    name: str
+    version: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    sha256: str
+    created_at: int
+    shared: bool
+    residency: Residency
+    pinned: bool
+
+
+class AdaptersPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterPublic]
+    has_more: bool
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True

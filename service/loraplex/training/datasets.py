@@ -1,0 +1,267 @@
+"""Training files: check an uploaded JSONL file, then turn its examples into masked token sequences.
+
+A file holds one example per line, all of one form:
+
+- prompt/completion: `{"prompt": "...", "completion": "..."}`; the loss covers the completion + EOS.
+- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "...", "weight": 0|1}, ...]}`;
+  the loss covers each assistant turn (content + end-of-turn) whose `weight` is not 0, as in OpenAI's
+  format. The conversation must end with an assistant turn.
+
+Validation reads every line and reports up to `MAX_REPORTED_PROBLEMS` problems with 1-based line
+numbers (0 for the file as a whole), so a user fixes a file in one round trip, not one line at a time.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+PROMPT_COMPLETION = "prompt_completion"
+CHAT = "chat"
+DatasetFormat = Literal["prompt_completion", "chat"]
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy default)
+MAX_REPORTED_PROBLEMS = 20
+DEFAULT_MAX_BYTES = 64 << 20
+DEFAULT_MAX_LINES = 100_000
+DEFAULT_MAX_LINE_BYTES = 256 << 10
+
+
+class DatasetError(ValueError):
+    """A training file is refused. `problems` lists (line number, message), line 0 meaning the whole file."""
+
+    def __init__(self, problems: list[tuple[int, str]], num_problems: int | None = None):
+        self.problems = problems[:MAX_REPORTED_PROBLEMS]
+        self.num_problems = max(num_problems or 0, len(problems))
+        super().__init__(self._summary())
+
+    def _summary(self) -> str:
+        shown = "; ".join(f"line {line}: {msg}" if line else msg for line, msg in self.problems)
+        more = self.num_problems - len(self.problems)
+        suffix = f" (and {more} more)" if more > 0 else ""
+        return f"invalid training file, {self.num_problems} problem(s): {shown}{suffix}"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+    weight: int = 1  # 0: an assistant turn shown as context but not trained on
+
+
+@dataclass(frozen=True)
+class PromptCompletion:
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    messages: tuple[ChatMessage, ...]
+
+
+Example = PromptCompletion | ChatExample
+
+
+@dataclass(frozen=True)
+class ParsedDataset:
+    format: DatasetFormat
+    examples: tuple[Example, ...]
+    num_bytes: int
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+@dataclass(frozen=True)
+class TokenizedDataset:
+    """Examples as (input_ids, labels); `num_truncated` were cut to max_len, `num_dropped` lost every label."""
+
+    examples: tuple[tuple[list[int], list[int]], ...]
+    num_truncated: int
+    num_dropped: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids, _ in self.examples)
+
+
+def validate_jsonl(
+    data: bytes,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_lines: int = DEFAULT_MAX_LINES,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> ParsedDataset:
+    """Parse and check a whole JSONL training file; raises DatasetError listing what is wrong."""
+    if len(data) > max_bytes:
+        raise DatasetError([(0, f"file is {len(data)} bytes, more than the limit of {max_bytes} bytes")])
+    problems = _Problems()
+    examples: list[Example] = []
+    first_form: tuple[int, DatasetFormat] | None = None  # the line that decided the file's form
+    num_lines = 0
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue  # blank lines (a trailing newline, CRLF leftovers) are not examples
+        num_lines += 1
+        if num_lines > max_lines:
+            problems.add(line_no, f"more than {max_lines} examples; split the file or remove lines")
+            break
+        try:
+            form, example = _parse_line(raw, max_line_bytes)
+        except ValueError as exc:
+            problems.add(line_no, str(exc))
+            continue
+        if first_form is None:
+            first_form = (line_no, form)
+        elif form != first_form[1]:
+            problems.add(line_no, f"{_FORM_NAMES[form]} example, but line {first_form[0]} is "
+                                  f"{_FORM_NAMES[first_form[1]]}: a file holds one form only")
+            continue
+        examples.append(example)
+    if not problems.count and not examples:
+        problems.add(0, "file holds no examples")
+    if problems.count:
+        raise DatasetError(problems.shown, num_problems=problems.count)
+    return ParsedDataset(first_form[1], tuple(examples), len(data))
+
+
+class _Problems:
+    """Keeps the first MAX_REPORTED_PROBLEMS, counts them all (a broken 100k-line file stays cheap)."""
+
+    def __init__(self):
+        self.shown: list[tuple[int, str]] = []
+        self.count = 0
+
+    def add(self, line_no: int, message: str) -> None:
+        self.count += 1
+        if len(self.shown) < MAX_REPORTED_PROBLEMS:
+            self.shown.append((line_no, message))
+
+
+_FORM_NAMES = {PROMPT_COMPLETION: "a prompt/completion", CHAT: "a chat (messages)"}
+
+
+def _parse_line(raw: bytes, max_line_bytes: int) -> tuple[DatasetFormat, Example]:
+    if len(raw) > max_line_bytes:
+        raise ValueError(f"line is {len(raw)} bytes, more than the limit of {max_line_bytes} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("each line must be a JSON object")
+    has_chat = "messages" in obj
+    has_completion = "prompt" in obj or "completion" in obj
+    if has_chat and has_completion:
+        raise ValueError("a line holds either 'messages' or 'prompt'/'completion', not both")
+    if has_chat:
+        return CHAT, _parse_chat(obj["messages"])
+    if has_completion:
+        return PROMPT_COMPLETION, _parse_prompt_completion(obj)
+    raise ValueError("expected 'messages' (chat) or 'prompt' and 'completion' keys")
+
+
+def _parse_prompt_completion(obj: dict[str, Any]) -> PromptCompletion:
+    for key in ("prompt", "completion"):
+        if not isinstance(obj.get(key), str):
+            raise ValueError(f"'{key}' must be a string")
+    if not obj["completion"]:
+        raise ValueError("'completion' is empty: there is nothing to train on")
+    return PromptCompletion(obj["prompt"], obj["completion"])
+
+
+def _parse_chat(messages: Any) -> ChatExample:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    parsed = tuple(_parse_message(i, message) for i, message in enumerate(messages))
+    if parsed[-1].role != "assistant":
+        raise ValueError("the last message must be from the assistant (it is what the model learns to write)")
+    if not any(m.role == "assistant" and m.weight for m in parsed):
+        raise ValueError("no assistant message with weight 1: there is nothing to train on")
+    return ChatExample(parsed)
+
+
+def _parse_message(index: int, message: Any) -> ChatMessage:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} must be an object with 'role' and 'content'")
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(message.get("content"), str):
+        raise ValueError(f"{where}.content must be a string")
+    weight = message.get("weight", 1)
+    if weight not in (0, 1) or isinstance(weight, bool):
+        raise ValueError(f"{where}.weight must be 0 or 1")
+    if weight == 0 and role != "assistant":
+        raise ValueError(f"{where}.weight is only meaningful on assistant messages")
+    return ChatMessage(role, message["content"], weight)
+
+
+def tokenize_example(tokenizer, example: Example, max_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) cut to `max_len`; labels are IGNORE_INDEX on everything the model is given."""
+    if isinstance(example, PromptCompletion):
+        input_ids, labels = _tokenize_prompt_completion(tokenizer, example)
+    else:
+        input_ids, labels = _tokenize_chat(tokenizer, example)
+    return input_ids[:max_len], labels[:max_len]
+
+
+def tokenize_dataset(tokenizer, dataset: ParsedDataset, max_len: int) -> TokenizedDataset:
+    """Tokenize every example; one that truncation leaves with no trained token is dropped and counted."""
+    kept, num_truncated, num_dropped = [], 0, 0
+    for example in dataset.examples:
+        input_ids, labels = tokenize_example(tokenizer, example, max_len + 1)
+        if len(input_ids) > max_len:
+            num_truncated += 1
+            input_ids, labels = input_ids[:max_len], labels[:max_len]
+        # The first label is never predicted (nothing precedes it), so it does not count as trained.
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            num_dropped += 1
+            continue
+        kept.append((input_ids, labels))
+    return TokenizedDataset(tuple(kept), num_truncated, num_dropped)
+
+
+def _tokenize_prompt_completion(tokenizer, example: PromptCompletion) -> tuple[list[int], list[int]]:
+    # Tokenized apart, exactly as the server tokenizes a prompt and then appends generated tokens.
+    prompt_ids = tokenizer(example.prompt)["input_ids"]  # with BOS, as at inference
+    completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    completion_ids = [*completion_ids, tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def _tokenize_chat(tokenizer, example: ChatExample) -> tuple[list[int], list[int]]:
+    """Trained spans come from rendering prefixes: an assistant turn i starts where
+    template(messages[:i], add_generation_prompt=True) ends and stops where template(messages[:i+1]) ends."""
+    messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    input_ids = _render_ids(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for i, message in enumerate(example.messages):
+        if message.role != "assistant" or not message.weight:
+            continue
+        start = _prefix_len(tokenizer, messages[:i], input_ids, add_generation_prompt=True)
+        end = _prefix_len(tokenizer, messages[: i + 1], input_ids, add_generation_prompt=False)
+        labels[start:end] = input_ids[start:end]
+    return input_ids, labels
+
+
+def _prefix_len(tokenizer, messages: list[dict[str, str]], full_ids: list[int], add_generation_prompt: bool) -> int:
+    prefix_ids = _render_ids(tokenizer, messages, add_generation_prompt)
+    if full_ids[: len(prefix_ids)] != prefix_ids:
+        # A template that rewrites earlier turns, or BPE merging across a turn boundary: masks would be wrong.
+        raise ValueError("the model's chat template does not render conversations prefix by prefix")
+    return len(prefix_ids)
+
+
+def _render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    if not messages and not add_generation_prompt:
+        return []
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # The template writes BOS itself; apply_chat_template(tokenize=True) also adds no special tokens.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

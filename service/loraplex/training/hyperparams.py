@@ -1,0 +1,160 @@
+"""Fine-tuning hyperparameters: OpenAI's three (each may be "auto") plus the LoRA shape and a seed.
+
+`Hyperparameters` is what a client sends; `resolve(num_examples)` turns every "auto" into a number and
+returns `ResolvedHyperparameters`, what a job reports back and the trainer runs with.
+
+Learning rate: `BASE_LEARNING_RATE * learning_rate_multiplier`, with a short linear warmup then linear
+decay to 0. The base is 2e-4, the usual LoRA rate for real-size models; a tiny model trained for few
+steps wants a multiplier of several times that (the shipped keyword example uses 10).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from loraplex.engine.model import LORA_MODULES
+
+AUTO = "auto"
+Auto = Literal["auto"]
+
+BASE_LEARNING_RATE = 2e-4
+DEFAULT_N_EPOCHS = 3
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_TARGET_MODULES = LORA_MODULES  # every projection: LoRA on all linear layers learns most per rank
+MAX_N_EPOCHS = 50
+MAX_BATCH_SIZE = 64
+MAX_LEARNING_RATE_MULTIPLIER = 10.0
+MAX_LORA_R = 64
+MAX_LORA_DROPOUT = 0.5
+MAX_SEED = 2**31 - 1
+MAX_STEPS = 100_000  # a bound on any job, whatever the epochs and dataset size say
+
+
+class HyperparameterError(ValueError):
+    """`param` names the offending field, for an OpenAI-style `param` in the error envelope."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ResolvedHyperparameters:
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    learning_rate: float
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    seed: int
+    num_steps: int  # optimizer steps the job will run: ceil(examples / batch) * epochs, capped by max_steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    n_epochs: int | Auto = AUTO  # auto: DEFAULT_N_EPOCHS
+    batch_size: int | Auto = AUTO  # auto: DEFAULT_BATCH_SIZE, or the dataset size if smaller
+    learning_rate_multiplier: float | Auto = AUTO  # auto: 1.0
+    lora_r: int = 8
+    lora_alpha: int | None = None  # None: 2 * lora_r
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many optimizer steps, whatever n_epochs says
+
+    def validate(self, max_lora_rank: int = MAX_LORA_R) -> None:
+        """Raise HyperparameterError for the first bad field. `max_lora_rank`: the serving engine's limit."""
+        _check_int_or_auto("n_epochs", self.n_epochs, 1, MAX_N_EPOCHS)
+        _check_int_or_auto("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_multiplier(self.learning_rate_multiplier)
+        _check_int("lora_r", self.lora_r, 1, min(MAX_LORA_R, max_lora_rank))
+        if self.lora_alpha is not None:
+            _check_int("lora_alpha", self.lora_alpha, 1, 16 * MAX_LORA_R)
+        _check_number("lora_dropout", self.lora_dropout)
+        if not 0.0 <= self.lora_dropout <= MAX_LORA_DROPOUT:
+            raise HyperparameterError("lora_dropout", f"must be between 0 and {MAX_LORA_DROPOUT}")
+        _check_target_modules(self.target_modules)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps, 1, MAX_STEPS)
+
+    def resolve(self, num_examples: int, max_lora_rank: int = MAX_LORA_R) -> ResolvedHyperparameters:
+        """Validate, then replace every "auto" for a dataset of `num_examples` examples."""
+        self.validate(max_lora_rank)
+        if num_examples < 1:
+            raise HyperparameterError("training_file", "the dataset holds no usable example")
+        n_epochs = DEFAULT_N_EPOCHS if self.n_epochs == AUTO else self.n_epochs
+        batch_size = min(DEFAULT_BATCH_SIZE, num_examples) if self.batch_size == AUTO else self.batch_size
+        multiplier = 1.0 if self.learning_rate_multiplier == AUTO else float(self.learning_rate_multiplier)
+        num_steps = math.ceil(num_examples / batch_size) * n_epochs
+        if self.max_steps is not None:
+            num_steps = min(num_steps, self.max_steps)
+        if num_steps > MAX_STEPS:
+            raise HyperparameterError("n_epochs", f"the job would run {num_steps} steps, more than {MAX_STEPS}")
+        return ResolvedHyperparameters(
+            n_epochs=n_epochs,
+            batch_size=batch_size,
+            learning_rate_multiplier=multiplier,
+            learning_rate=BASE_LEARNING_RATE * multiplier,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r,
+            lora_dropout=float(self.lora_dropout),
+            target_modules=tuple(sorted(set(self.target_modules), key=LORA_MODULES.index)),
+            seed=self.seed,
+            num_steps=num_steps,
+        )
+
+
+def learning_rate_at(step: int, num_steps: int, peak: float) -> float:
+    """Linear warmup over the first 5% of steps (at least 1), then linear decay towards 0. `step` is 0-based."""
+    warmup = max(1, round(0.05 * num_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    remaining = max(1, num_steps - warmup)
+    return peak * max(0.0, 1.0 - (step - warmup) / remaining)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(param: str, value, low: int, high: int) -> None:
+    if not _is_int(value):
+        raise HyperparameterError(param, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise HyperparameterError(param, f"must be between {low} and {high}, got {value}")
+
+
+def _check_int_or_auto(param: str, value, low: int, high: int) -> None:
+    if value != AUTO:
+        _check_int(param, value, low, high)
+
+
+def _check_number(param: str, value) -> None:
+    if not (isinstance(value, int | float) and not isinstance(value, bool)) or not math.isfinite(value):
+        raise HyperparameterError(param, f"must be a number, got {value!r}")
+
+
+def _check_multiplier(value) -> None:
+    if value == AUTO:
+        return
+    _check_number("learning_rate_multiplier", value)
+    if not 0 < value <= MAX_LEARNING_RATE_MULTIPLIER:
+        raise HyperparameterError(
+            "learning_rate_multiplier", f"must be > 0 and <= {MAX_LEARNING_RATE_MULTIPLIER:g}, got {value}"
+        )
+
+
+def _check_target_modules(modules) -> None:
+    if isinstance(modules, str) or not isinstance(modules, tuple | list) or not modules:
+        raise HyperparameterError("target_modules", f"must be a non-empty list drawn from {list(LORA_MODULES)}")
+    unknown = [m for m in modules if m not in LORA_MODULES]
+    if unknown:
+        raise HyperparameterError("target_modules", f"unknown modules {unknown}; choose from {list(LORA_MODULES)}")

@@ -1,0 +1,303 @@
+"""Train one LoRA adapter on a parsed dataset and write it where the engine can serve it.
+
+One call, no framework: load the base model (fp32 on CPU, bf16 on CUDA), wrap it with PEFT, run AdamW
+over the LoRA weights only for the resolved number of steps, then `save_pretrained` into a staging
+directory that is renamed into place, so `out_dir` is either a complete adapter or absent. The caller
+(the job worker) owns queueing, persistence and progress reporting; it observes a run through
+`on_event` and stops it through `should_stop`, which is polled before every optimizer step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraplex.training.datasets import IGNORE_INDEX, DatasetError, ParsedDataset, TokenizedDataset, tokenize_dataset
+from loraplex.training.hyperparams import MAX_LORA_R, Hyperparameters, ResolvedHyperparameters, learning_rate_at
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LEN = 1024
+MAX_EVENTS_PER_RUN = 1000  # long runs report every k steps so job event logs stay small
+MAX_GRAD_NORM = 1.0
+PEFT_MODEL_CARD = "README.md"  # peft's template, noise in an adapter store
+
+
+class TrainingCancelled(Exception):
+    """`should_stop()` returned True; nothing was written to `out_dir`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training cancelled after {step} steps")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    step: int  # 1-based optimizer step just finished
+    epoch: int  # 1-based
+    loss: float  # mean training loss over the steps since the previous event
+    learning_rate: float
+    num_steps_total: int
+    elapsed_s: float  # since the optimizer loop started
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    num_steps: int
+    final_loss: float  # mean loss over the last epoch's steps
+    train_tokens: int  # tokens processed, all epochs (OpenAI's `trained_tokens`)
+    elapsed_s: float  # model load to adapter written
+    hyperparameters: ResolvedHyperparameters
+    device: str
+    num_examples: int
+    num_truncated: int  # examples cut to max_len
+    num_dropped: int  # examples left with no trained token after truncation
+    valid_loss: float | None = None
+    valid_token_accuracy: float | None = None
+    checkpoints: tuple[Path, ...] = field(default=())
+
+
+def train_lora(
+    model_dir: Path,
+    dataset: ParsedDataset,
+    hp: Hyperparameters,
+    out_dir: Path,
+    on_event: Callable[[TrainEvent], None] = lambda event: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    validation: ParsedDataset | None = None,
+    *,
+    device: str = "auto",
+    max_len: int = DEFAULT_MAX_LEN,
+    checkpoint_every_epochs: int | None = None,
+    max_lora_rank: int | None = None,
+) -> TrainResult:
+    """Train on `dataset`, write the adapter to `out_dir` (which must not exist) and return what happened.
+
+    Raises HyperparameterError / DatasetError before any heavy work, TrainingCancelled when stopped.
+    """
+    from transformers import AutoTokenizer
+
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; adapters are written once")
+    torch_device = _pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_max_len = min(max_len, _max_positions(model_dir))
+    train_set = _tokenize_or_refuse(tokenizer, dataset, model_max_len)
+    hp_resolved = hp.resolve(len(train_set.examples), max_lora_rank or MAX_LORA_R)
+    valid_set = tokenize_dataset(tokenizer, validation, model_max_len) if validation is not None else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
+        torch.manual_seed(hp_resolved.seed)  # LoRA init and dropout
+        model = _load_peft_model(model_dir, hp_resolved, torch_device)
+        loop = _TrainLoop(model, hp_resolved, train_set, pad_id, torch_device, on_event, should_stop)
+        checkpoints = loop.run(out_dir, checkpoint_every_epochs)
+        valid_loss, valid_accuracy = _evaluate(model, valid_set, pad_id, torch_device, should_stop, loop.step)
+    if should_stop():
+        raise TrainingCancelled(loop.step)
+    _save_adapter(model, out_dir)
+    return TrainResult(
+        out_dir=out_dir,
+        num_steps=loop.step,
+        final_loss=loop.last_epoch_loss,
+        train_tokens=loop.num_tokens,
+        elapsed_s=time.monotonic() - started,
+        hyperparameters=hp_resolved,
+        device=str(torch_device),
+        num_examples=len(train_set.examples),
+        num_truncated=train_set.num_truncated,
+        num_dropped=train_set.num_dropped,
+        valid_loss=valid_loss,
+        valid_token_accuracy=valid_accuracy,
+        checkpoints=tuple(checkpoints),
+    )
+
+
+class _TrainLoop:
+    """The optimizer loop; holds the step counter and running losses the result reports."""
+
+    def __init__(self, model, hp: ResolvedHyperparameters, data: TokenizedDataset, pad_id: int, device,
+                 on_event, should_stop):
+        self.model, self.hp, self.data, self.pad_id, self.device = model, hp, data, pad_id, device
+        self.on_event, self.should_stop = on_event, should_stop
+        trainable = [p for p in model.parameters() if p.requires_grad]  # the LoRA A/B matrices only
+        self.optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0)
+        self.trainable = trainable
+        self.step = 0
+        self.num_tokens = 0
+        self.last_epoch_loss = math.nan
+        self.last_lr = 0.0
+        self.event_every = max(1, math.ceil(hp.num_steps / MAX_EVENTS_PER_RUN))
+        self.started = time.monotonic()
+
+    def run(self, out_dir: Path, checkpoint_every_epochs: int | None) -> list[Path]:
+        self.model.train()
+        checkpoints = []
+        pending: list[float] = []  # losses since the last event
+        for epoch in range(1, self.hp.n_epochs + 1):
+            epoch_losses = []
+            for batch in _batches(self.data, self.hp.batch_size, self.hp.seed + epoch, self.pad_id):
+                if self.step >= self.hp.num_steps:
+                    break
+                if self.should_stop():
+                    raise TrainingCancelled(self.step)
+                loss = self._optimizer_step(batch)
+                epoch_losses.append(loss)
+                pending.append(loss)
+                if self.step % self.event_every == 0 or self.step == self.hp.num_steps:
+                    self._emit(epoch, sum(pending) / len(pending))
+                    pending = []
+            if epoch_losses:
+                self.last_epoch_loss = sum(epoch_losses) / len(epoch_losses)
+            if self.step >= self.hp.num_steps:
+                break
+            if checkpoint_every_epochs and epoch % checkpoint_every_epochs == 0:
+                checkpoints.append(_save_adapter(self.model, _checkpoint_dir(out_dir, epoch), replace=True))
+        return checkpoints
+
+    def _optimizer_step(self, batch: dict[str, torch.Tensor]) -> float:
+        lr = learning_rate_at(self.step, self.hp.num_steps, self.hp.learning_rate)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+        loss = self.model(**batch).loss  # mean over label tokens of the whole batch
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.num_tokens += int(batch["attention_mask"].sum())
+        self.last_lr = lr
+        return float(loss.detach())
+
+    def _emit(self, epoch: int, loss: float) -> None:
+        elapsed = time.monotonic() - self.started
+        self.on_event(TrainEvent(self.step, epoch, loss, self.last_lr, self.hp.num_steps, elapsed))
+
+
+def _batches(data: TokenizedDataset, batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch in a seeded shuffled order, each batch right-padded to its longest example."""
+    order = torch.randperm(len(data.examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    for start in range(0, len(order), batch_size):
+        yield collate([data.examples[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad with `pad_id`; pads get attention 0 and label IGNORE_INDEX so they change neither loss nor context."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # [B, T]
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, T]
+    for row, (ids, example_labels) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(example_labels)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@torch.no_grad()
+def _evaluate(model, data: TokenizedDataset | None, pad_id: int, device, should_stop, step: int,
+              batch_size: int = 8) -> tuple[float | None, float | None]:
+    """Token-weighted mean loss and next-token accuracy over the label tokens of `data`."""
+    if data is None or not data.examples:
+        return None, None
+    model.eval()
+    total_loss, num_correct, num_labels = 0.0, 0, 0
+    for start in range(0, len(data.examples), batch_size):
+        if should_stop():
+            raise TrainingCancelled(step)
+        batch = collate(list(data.examples[start : start + batch_size]), pad_id)
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]  # position t predicts token t+1
+        mask = targets != IGNORE_INDEX
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        total_loss += float(losses[mask].sum())
+        num_correct += int((logits.argmax(-1) == targets)[mask].sum())
+        num_labels += int(mask.sum())
+    return total_loss / num_labels, num_correct / num_labels
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _max_positions(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", DEFAULT_MAX_LEN))
+
+
+def _tokenize_or_refuse(tokenizer, dataset: ParsedDataset, max_len: int) -> TokenizedDataset:
+    tokenized = tokenize_dataset(tokenizer, dataset, max_len)
+    if not tokenized.examples:
+        raise DatasetError([(0, f"every example loses all trained tokens when cut to {max_len} tokens")])
+    if tokenized.num_dropped:
+        log.warning("%d examples had no trained token left after truncation to %d", tokenized.num_dropped, max_len)
+    return tokenized
+
+
+def _load_peft_model(model_dir: Path, hp: ResolvedHyperparameters, device: torch.device):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    base.config.use_cache = False  # no KV cache while training
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.target_modules),
+        bias="none",  # the engine serves A/B pairs only: no biases, no modules_to_save, no DoRA
+    )
+    # PEFT keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype), so updates are not rounded away.
+    return get_peft_model(base, config)
+
+
+def _checkpoint_dir(out_dir: Path, epoch: int) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.ckpt") / f"epoch-{epoch}"
+
+
+def _save_adapter(model, out_dir: Path, replace: bool = False) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors to a staging dir, then rename it to `out_dir`."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _staging_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / PEFT_MODEL_CARD).unlink(missing_ok=True)
+        _make_world_readable(tmp)
+        if replace and out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)  # atomic; fails if another writer got there first
+    return out_dir
+
+
+@contextmanager
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temp dir beside `out_dir` (same filesystem, so the rename is atomic); removed if still there."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_world_readable(root: Path) -> None:
+    """mkdtemp makes 0700 dirs; a server running as another user must read the adapter."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
