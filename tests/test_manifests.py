@@ -453,7 +453,7 @@ def test_compose_stack() -> None:
         assert "adapters:/data/adapters" in svc["volumes"] and "models:/models" in svc["volumes"]
         assert svc["environment"]["LORAPLEX_REDIS_URL"] == "redis://redis:6379/0"
         settings = {k.removeprefix("LORAPLEX_").lower() for k in svc["environment"] if k.startswith("LORAPLEX_")}
-        assert settings <= settings_fields() | PENDING_SETTINGS
+        assert settings <= settings_fields()
     gpu = yaml.safe_load((DOCKER / "docker-compose.gpu.yml").read_text())["services"]
     for svc in ("server", "worker"):
         (device,) = gpu[svc]["deploy"]["resources"]["reservations"]["devices"]
