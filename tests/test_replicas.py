@@ -55,3 +55,29 @@ def test_upload_and_delete_propagate_between_replicas(replicas, tmp_path, demo_m
     assert text_a == text_b
     assert httpx.delete(f"{b.url}/v1/adapters/acme/shared-vol", headers=ACME, timeout=30).status_code == 200
     assert _eventually(lambda: httpx.post(f"{a.url}/v1/completions", headers=ACME, json=body, timeout=30).status_code == 404)
+
+
+def test_redis_outage_keeps_known_adapters_serving_and_registry_503(redis_server, tmp_path, demo_model_dir):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from loraplex.api.app import create_app
+    from loraplex.config import Settings
+    from loraplex.models.demo import ensure_demo_model, make_demo_adapter
+
+    data_dir = tmp_path / "data"
+    ensure_demo_model(data_dir)
+    settings = Settings(model="demo", data_dir=data_dir, api_keys=KEYS, max_lora_rank=8, max_model_len=256, redis_url=redis_server.url)
+    out = make_demo_adapter(demo_model_dir, tmp_path / "upload", r=4, seed=6)
+    files = [("files", (name, (out / name).read_bytes())) for name in ("adapter_config.json", "adapter_model.safetensors")]
+    body = {"model": "acme/steady", "prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/v1/adapters", headers=ACME, data={"name": "steady"}, files=files).status_code == 201
+        before = c.post("/v1/completions", headers=ACME, json=body).json()["choices"][0]["text"]
+        redis_server.stop()
+        during = c.post("/v1/completions", headers=ACME, json=body)
+        assert during.status_code == 200 and during.json()["choices"][0]["text"] == before
+        listing = c.get("/v1/adapters", headers=ACME)
+        assert listing.status_code == 503 and listing.json()["error"]["message"]
+        assert c.post("/v1/completions", headers=ACME, json={**body, "model": "acme/never-seen"}).status_code == 503
+        redis_server.start()
+        assert _eventually(lambda: c.get("/v1/adapters", headers=ACME).status_code == 200, timeout_s=10)

@@ -60,7 +60,7 @@ def _lifespan(given_engine: AsyncEngine | None):
         app.state.metrics.watch_engine(engine, app.state.drain)
         app.state.loop = asyncio.get_running_loop()
         runtime = build_registry(app.state.settings, engine.engine.lora_pool.module_shapes)
-        runtime.feed.start(lambda event: _on_registry_change(engine, event))
+        runtime.feed.start(lambda event: _on_registry_change(engine, runtime.registry, event))
         app.state.registry = runtime.registry
         app.state.engine = engine
         log.info("serving %s (max_model_len=%d)", engine.model_name, engine.max_model_len)
@@ -76,12 +76,13 @@ def _lifespan(given_engine: AsyncEngine | None):
     return lifespan
 
 
-def _on_registry_change(engine: AsyncEngine, event) -> None:
+def _on_registry_change(engine: AsyncEngine, registry, event) -> None:
     """A delete on any replica: free this replica's idle cached versions (running requests keep theirs).
     Nothing else needs invalidating for correctness: lookups read the index and every engine cache is
     keyed by version + content hash, so a stale entry can only waste a slot until LRU reuses it."""
     if event.get("op") == "delete" and event.get("tenant") and event.get("name"):
         adapter_id = f"{event['tenant']}/{event['name']}"
+        registry.forget(event["tenant"], event["name"])
         engine.submit(lambda e: e.evict_versions_of(adapter_id))
 
 

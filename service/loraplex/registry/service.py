@@ -5,17 +5,22 @@ list, upload, delete what) and hides the store and the validation pipeline behin
 """
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from loraplex.engine.types import LoraRequest
 from loraplex.registry.archive import extract_adapter_archive
 from loraplex.registry.auth import Principal, can_use, require_manage, require_use
-from loraplex.registry.errors import Forbidden, InvalidAdapterFile
+from loraplex.registry.errors import Forbidden, InvalidAdapterFile, RegistryUnavailable
 from loraplex.registry.validation import ValidatedAdapter, validate_adapter_files
 from loraplex.registry.versioned_store import AdapterVersion, VersionedAdapterStore, is_id_part
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "adapter_config.json"
+MAX_LAST_KNOWN = 4096
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
@@ -29,6 +34,8 @@ class UploadLimits:
 class AdapterRegistry:
     def __init__(self, store: VersionedAdapterStore, module_shapes: Mapping[tuple[int, str], tuple[int, int]], limits: UploadLimits):
         self.store, self.module_shapes, self.limits = store, dict(module_shapes), limits
+        # Inference lookups that succeeded, so adapters keep serving while a shared index (Redis) is down.
+        self._last_known: OrderedDict[str, AdapterVersion] = OrderedDict()
 
     # --- reads ----------------------------------------------------------------------------
     def resolve(self, principal: Principal, adapter_id: str) -> AdapterVersion:
@@ -38,7 +45,30 @@ class AdapterRegistry:
         return record
 
     def lora_request(self, principal: Principal, adapter_id: str) -> LoraRequest:
-        return self.resolve(principal, adapter_id).lora_request()
+        """For inference: falls back to the last version seen for this id while the index is unavailable."""
+        try:
+            record = self.store.get_by_id(adapter_id)
+        except RegistryUnavailable:
+            record = self._last_known.get(adapter_id)
+            if record is None:
+                raise
+            log.warning("registry unavailable: serving %s from the last known version", adapter_id)
+        else:
+            self._remember(adapter_id, record)
+        require_use(principal, record, adapter_id)
+        return record.lora_request()
+
+    def forget(self, tenant: str, name: str) -> None:
+        """Drop last-known entries of a deleted adapter (all its version ids)."""
+        prefix = f"{tenant}/{name}"
+        for key in [k for k in self._last_known if k == prefix or k.startswith(prefix + "@")]:
+            self._last_known.pop(key, None)
+
+    def _remember(self, adapter_id: str, record: AdapterVersion) -> None:
+        self._last_known[adapter_id] = record
+        self._last_known.move_to_end(adapter_id)
+        while len(self._last_known) > MAX_LAST_KNOWN:
+            self._last_known.popitem(last=False)
 
     def list(self, principal: Principal, after: str | None = None, limit: int = 50) -> list[AdapterVersion]:
         tenant = None if principal.is_admin else principal.tenant  # the admin (and dev mode) sees all
@@ -61,6 +91,7 @@ class AdapterRegistry:
     def delete(self, principal: Principal, adapter_id: str) -> AdapterVersion:
         record = self.manageable(principal, adapter_id)
         self.store.delete(record.tenant, record.name)
+        self.forget(record.tenant, record.name)
         return record
 
     def manageable(self, principal: Principal, adapter_id: str) -> AdapterVersion:
