@@ -186,3 +186,20 @@ def test_tenant_rate_limit_answers_429_with_retry_after(tenant_settings, tenant_
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
         assert refused.json()["error"]["code"] == "tenant_rate_limited"
         assert complete(c, "globex", "demo").status_code == 200  # another tenant is unaffected
+
+
+def test_admin_sets_merge_mode_and_tokens_stay_the_same(tenant_client, tenant_engine, adapter_files):
+    c = tenant_client
+    assert upload(c, "acme", "fast", adapter_files(95)).status_code == 201
+    unmerged = complete(c, "acme", "acme/fast").json()["choices"][0]["text"]
+    assert c.post("/v1/adapters/acme/fast/mode", headers=auth("acme"), json={"mode": "merged"}).status_code == 403
+    assert c.post("/v1/adapters/acme/fast/mode", headers=auth("admin"), json={"mode": "sideways"}).status_code == 400
+    set_merged = c.post("/v1/adapters/acme/fast/mode", headers=auth("admin"), json={"mode": "merged"})
+    assert set_merged.status_code == 200 and set_merged.json()["merge_mode"] == "merged"
+    merged = complete(c, "acme", "acme/fast").json()["choices"][0]["text"]
+    base_while_merged = complete(c, "acme", "demo").json()["choices"][0]["text"]
+    assert c.get("/v1/adapters/acme/fast", headers=auth("acme")).json()["residency"] == "merged"
+    assert "loraplex_merge_switches_total 1.0" in c.get("/metrics").text
+    back = c.post("/v1/adapters/acme/fast/mode", headers=auth("admin"), json={"mode": "unmerged"}).json()
+    assert back["merge_mode"] == "unmerged" and back["residency"] == "device"
+    assert merged == unmerged and base_while_merged == complete(c, "acme", "demo").json()["choices"][0]["text"]

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
 
     max_cpu_loras: int = Field(32, ge=0, le=4096, description="Parsed adapters kept in host memory (the tier between storage and device slots).")
 
+    # Merged serving
+    merged_adapter: str | None = Field(None, description="Adapter id (`tenant/name`) merged into the base weights from start: the dedicated low-latency case.")
+    default_merge_mode: Literal["unmerged", "auto"] = Field("unmerged", description="Merge mode of adapters no admin has set; `auto` merges one that dominates traffic.")
+
     # Tenants, auth and the registry
     api_keys: str | None = Field(None, description="`key:tenant` pairs, comma-separated. No keys and no admin key = single-tenant dev mode.")
     api_keys_file: Path | None = Field(None, description="File with one `key:tenant` per line (alternative to api_keys).")

@@ -36,6 +36,7 @@ def engine_config(settings: Settings, model_path: str) -> EngineConfig:
         dtype=settings.dtype,
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,
+        default_merge_mode=settings.default_merge_mode,
         max_lora_rank=settings.max_lora_rank,
         max_batch_size=settings.max_batch_size,
         max_model_len=settings.max_model_len,

@@ -62,6 +62,7 @@ def _lifespan(given_engine: AsyncEngine | None):
         runtime = build_registry(app.state.settings, engine.engine.lora_pool.module_shapes)
         runtime.feed.start(lambda event: _on_registry_change(engine, runtime.registry, event))
         app.state.registry = runtime.registry
+        await _merge_at_start(app.state.settings, engine, runtime.registry)
         app.state.engine = engine
         log.info("serving %s (max_model_len=%d)", engine.model_name, engine.max_model_len)
         try:
@@ -74,6 +75,17 @@ def _lifespan(given_engine: AsyncEngine | None):
             app.state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     return lifespan
+
+
+async def _merge_at_start(settings: Settings, engine: AsyncEngine, registry) -> None:
+    """LORAPLEX_MERGED_ADAPTER: the dedicated low-latency deployment serves one adapter merged."""
+    if settings.merged_adapter:
+        from loraplex.registry.auth import Principal
+
+        lora = await asyncio.to_thread(registry.lora_request, Principal(tenant=None, is_admin=True), settings.merged_adapter)
+        if not await engine.call(lambda e: e.set_merge_mode(lora, "merged")):
+            raise RuntimeError(f"cannot merge {settings.merged_adapter}: no adapter slot")
+        log.info("serving %s merged", settings.merged_adapter)
 
 
 def _on_registry_change(engine: AsyncEngine, registry, event) -> None:

@@ -75,6 +75,8 @@ class EngineStateCollector:
             "loraplex_adapters_resident": ("Adapters resident in device slots", len(stats["resident_adapters"])),
             "loraplex_adapter_slots": ("Device adapter slots (max_loras)", stats["max_loras"]),
             "loraplex_draining": ("1 while draining after SIGTERM", int(self.drain.is_draining)),
+            "loraplex_adapter_merged": ("1 while an adapter is merged into the base weights", int(stats["merged_adapter"] is not None)),
+            "loraplex_last_merge_switch_seconds": ("Duration of the last merge or unmerge", stats["last_merge_switch_s"]),
             "vllm:num_requests_running": ("Running requests (endpoint-picker name)", stats["num_running"]),
             "vllm:num_requests_waiting": ("Waiting requests (endpoint-picker name)", num_waiting),
             "vllm:gpu_cache_usage_perc": ("KV cache usage 0..1 (endpoint-picker name)", stats["kv_cache_usage"]),
@@ -82,6 +84,7 @@ class EngineStateCollector:
         for name, doc, value in (
             ("loraplex_adapter_loads", "Adapter loads into device slots", stats["num_adapter_loads"]),
             ("loraplex_adapter_evictions", "Adapters evicted from device slots", stats["num_adapter_evictions"]),
+            ("loraplex_merge_switches", "Merge/unmerge switches (merged adapter changed)", stats["num_merge_switches"]),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], value)

@@ -14,7 +14,8 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_loras: int = 8
-    max_cpu_loras: int = 32  # parsed adapters kept in host memory (0: always read from storage)
+    max_cpu_loras: int = 32
+    default_merge_mode: str = "unmerged"  # unmerged | auto: the merge mode of adapters no admin has set  # parsed adapters kept in host memory (0: always read from storage)
     max_lora_rank: int = 16
     max_batch_size: int = 32
     max_model_len: int = 1024

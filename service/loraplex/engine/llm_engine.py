@@ -5,6 +5,7 @@ import logging
 import queue
 import random
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from loraplex.engine.adapter_slots import AdapterSlots
@@ -15,6 +16,8 @@ from loraplex.engine.host_cache import HostLoraCache
 from loraplex.engine.kv_cache import KVCache, RowAllocator
 from loraplex.engine.lora_pool import LoraPool
 from loraplex.engine.lora_weights import HostLora, read_adapter
+from loraplex.engine.merge import MergeManager
+from loraplex.engine.merge_policy import MergeMode, MergePolicy
 from loraplex.engine.model import LlamaForServing
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
@@ -36,10 +39,15 @@ class LLMEngine:
             mc.num_hidden_layers, config.max_batch_size, num_kv, config.max_model_len,
             model.head_dim, config.torch_dtype, self.device,
         )
-        self.lora_pool = LoraPool(model, config.max_loras + 1, config.max_lora_rank, list(config.lora_target_modules))
+        # slots: 0 = base (zeros), 1..max_loras = adapters, max_loras + 1 = merge compensation
+        self.lora_pool = LoraPool(model, config.max_loras + 2, config.max_lora_rank, list(config.lora_target_modules))
         self.slots = AdapterSlots(config.max_loras)
         self.scheduler = Scheduler(RowAllocator(config.max_batch_size), self.slots, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, self.device)
+        self.merge = MergeManager(self.lora_pool, compensation_slot=config.max_loras + 1)
+        self.merge_policy = MergePolicy(default_mode=config.default_merge_mode)
+        self.merged_key: str | None = None
+        self.num_merge_switches = 0
+        self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device)
         self.vocab_size = mc.vocab_size
         self.eos_token_ids = _eos_ids(tokenizer, model) | set(config.extra_eos_token_ids)
         self.completed_loads: queue.SimpleQueue = queue.SimpleQueue()
@@ -88,6 +96,7 @@ class LLMEngine:
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[StepResult]:
         results = self._apply_completed_loads()
+        self._apply_merge_policy()
         batch = self.scheduler.schedule()
         for lora, slot in batch.adapter_loads:
             self._start_load(lora, slot)
@@ -96,6 +105,8 @@ class LLMEngine:
         tokens, logprobs = self.runner.run(batch)
         self.scheduler.charge(batch.decode_seqs, [1] * len(batch.decode_seqs))
         self.scheduler.charge(batch.prefill_seqs, [len(s.prompt_ids) for s in batch.prefill_seqs])
+        self.merge_policy.observe(Counter({s.lora_key: 1 for s in batch.decode_seqs}) + Counter(
+            {s.lora_key: len(s.prompt_ids) for s in batch.prefill_seqs}))
         return results + self._postprocess(batch, tokens, logprobs)
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[StepResult]:
@@ -182,7 +193,7 @@ class LLMEngine:
     def evict(self, key: str) -> bool:
         """Drop an idle adapter from its device slot and the host tier. False while requests use it."""
         state = self.slots.slot_of(key)
-        if state is not None and (state.num_refs or not state.is_ready):
+        if key == self.merged_key or (state is not None and (state.num_refs or not state.is_ready)):
             return False
         self.pinned_keys.discard(key)
         self.host_cache.discard(key)
@@ -197,9 +208,46 @@ class LLMEngine:
             if key.startswith(prefix):
                 self.evict(key)
 
+    # --- merged serving ------------------------------------------------------------------------
+    def set_merge_mode(self, lora: LoraRequest, mode: MergeMode) -> bool:
+        """merged: merge now (one adapter at a time), unmerged: never, auto: when it dominates traffic."""
+        modes = self.merge_policy.modes
+        if mode == "merged":
+            for key in [k for k, m in modes.items() if m == "merged"]:
+                modes[key] = "unmerged"
+            if not self.ensure_resident(lora):
+                return False
+        modes[lora.key] = mode
+        self._apply_merge_policy()
+        return True
+
+    def merge_mode(self, key: str) -> str:
+        return self.merge_policy.mode_of(key)
+
+    def _apply_merge_policy(self) -> None:
+        desired = self.merge_policy.desired(self.merged_key)
+        if desired == self.merged_key or (desired is not None and not self.slots.is_ready(desired)):
+            return
+        seconds = 0.0
+        if self.merged_key is not None:
+            self.merge.unmerge()
+            seconds += self.merge.last_switch_s
+            if self.slots.slot_of(self.merged_key) is not None:
+                self.slots.pin(self.merged_key, self.merged_key in self.pinned_keys)
+        if desired is not None:
+            self.merge.merge(self.slots.slot_of(desired).index)
+            seconds += self.merge.last_switch_s
+            self.slots.pin(desired, True)  # a merged adapter's slot must not be reused
+        log.info("merge switch", extra={"unmerged": self.merged_key, "merged": desired, "seconds": round(seconds, 4)})
+        self.merged_key = desired
+        self.num_merge_switches += 1
+        self.merge_policy.switched()
+
     def residency(self, key: str) -> str:
         """device | loading | host | storage"""
         state = self.slots.slot_of(key)
+        if key == self.merged_key:
+            return "merged"
         if state is not None:
             return "device" if state.is_ready else "loading"
         return "host" if self.host_cache.get(key) is not None else "storage"
@@ -242,6 +290,9 @@ class LLMEngine:
             "max_batch_size": self.config.max_batch_size,
             "num_adapter_loads": self.num_adapter_loads,
             "num_adapter_evictions": self.slots.num_evictions,
+            "merged_adapter": self.merged_key,
+            "num_merge_switches": self.num_merge_switches,
+            "last_merge_switch_s": self.merge.last_switch_s,
         }
 
     def shutdown(self) -> None:

@@ -40,6 +40,15 @@ class LoraPool:
             linear.lora_b[slot, :, :rank].copy_(b, non_blocking=True)  # [d_out, r]
             linear.active_slots.add(slot)
 
+    def write_negated(self, dst: int, src: int) -> None:
+        """dst := -(src): the compensation term for tokens that must not see a merged adapter."""
+        self.clear(dst)
+        for linear in self.linears.values():
+            if src in linear.active_slots:
+                linear.lora_a[dst].copy_(linear.lora_a[src])
+                linear.lora_b[dst].copy_(linear.lora_b[src]).neg_()
+                linear.active_slots.add(dst)
+
     def clear(self, slot: int) -> None:
         for linear in self.linears.values():
             if slot in linear.active_slots:

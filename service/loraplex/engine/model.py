@@ -50,8 +50,12 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # x: [T, d_in] -> y: [T, d_out]
-        if self.lora_a is not None and not self.active_slots.isdisjoint(lora.used_slots):
+        if self.lora_a is None:
+            return y
+        if not self.active_slots.isdisjoint(lora.used_slots):
             add_lora(y, x, self.lora_a, self.lora_b, lora)
+        if lora.compensation is not None and not self.active_slots.isdisjoint(lora.compensation.used_slots):
+            add_lora(y, x, self.lora_a, self.lora_b, lora.compensation)
         return y
 
 

@@ -7,7 +7,8 @@ import torch
 
 from loraplex.engine.attention import AttentionMetadata, PrefillGroup
 from loraplex.engine.kv_cache import KVCache
-from loraplex.engine.lora_ops import build_lora_batch
+from loraplex.engine.lora_ops import LoraBatch, build_lora_batch
+from loraplex.engine.merge import MergeManager
 from loraplex.engine.model import ForwardBatch, LlamaForServing
 from loraplex.engine.sampler import sample
 from loraplex.engine.scheduler import ScheduledBatch
@@ -15,8 +16,8 @@ from loraplex.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForServing, kv_cache: KVCache, device: torch.device):
-        self.model, self.kv_cache, self.device = model, kv_cache, device
+    def __init__(self, model: LlamaForServing, kv_cache: KVCache, merge: MergeManager, device: torch.device):
+        self.model, self.kv_cache, self.merge, self.device = model, kv_cache, merge, device
         self._generators: dict[str, torch.Generator] = {}
 
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
@@ -52,9 +53,7 @@ class ModelRunner:
         for seq in prefill:
             start += len(seq.prompt_ids)
             logits_indices.append(start - 1)
-        lora = build_lora_batch(
-            [s.slot for s in decode], [(len(s.prompt_ids), s.slot) for s in prefill], self.device
-        )
+        lora = self._lora_batch(decode, prefill)
         forward_batch = ForwardBatch(
             positions=self._tensor(positions),
             attention=self._attention_metadata(decode, prefill),
@@ -62,6 +61,17 @@ class ModelRunner:
             logits_indices=self._tensor(logits_indices),
         )
         return self._tensor(token_ids), forward_batch
+
+    def _lora_batch(self, decode: list[Sequence], prefill: list[Sequence]) -> LoraBatch:
+        """Each token's adapter slot; with an adapter merged, its tokens need none and all others
+        get the compensation pass (-merged delta) as well."""
+        merged = self.merge.merged_slot
+        own = lambda s: 0 if s.slot == merged else s.slot  # noqa: E731
+        compensation = None
+        if merged is not None:
+            extra = lambda s: 0 if s.slot == merged else self.merge.compensation_slot  # noqa: E731
+            compensation = build_lora_batch([extra(s) for s in decode], [(len(s.prompt_ids), extra(s)) for s in prefill], self.device)
+        return build_lora_batch([own(s) for s in decode], [(len(s.prompt_ids), own(s)) for s in prefill], self.device, compensation)
 
     def _attention_metadata(self, decode: list[Sequence], prefill: list[Sequence]) -> AttentionMetadata:
         write_index = decode_mask = None

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from loraplex.api.deps import EngineDep, PrincipalDep, RegistryDep, SettingsDep
-from loraplex.api.schemas.adapters import AdapterDeleted, AdapterPublic, AdaptersPublic
+from loraplex.api.schemas.adapters import AdapterDeleted, AdapterPublic, AdaptersPublic, MergeModeUpdate
 from loraplex.api.serving import adapters
 
 router = APIRouter(tags=["adapters"])
@@ -33,6 +33,14 @@ async def list_adapters(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> AdaptersPublic:
     return await adapters.list_public(engine, registry, principal, after, limit)
+
+
+@router.post("/v1/adapters/{adapter_id:path}/mode", response_model=AdapterPublic)
+async def set_merge_mode(
+    adapter_id: str, update: MergeModeUpdate, engine: EngineDep, registry: RegistryDep, principal: PrincipalDep,
+) -> AdapterPublic:
+    """Admin: serve this adapter `merged` into the base weights, `unmerged`, or `auto` (by traffic)."""
+    return await adapters.admin_action(engine, registry, principal, adapter_id, update.mode)
 
 
 @router.post("/v1/adapters/{adapter_id:path}/{action}", response_model=AdapterPublic)

@@ -5,7 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-Residency = Literal["storage", "host", "loading", "device"]
+Residency = Literal["storage", "host", "loading", "device", "merged"]
+MergeMode = Literal["merged", "unmerged", "auto"]
 
 
 class AdapterPublic(BaseModel):
@@ -24,6 +25,11 @@ class AdapterPublic(BaseModel):
     shared: bool
     residency: Residency
     pinned: bool
+    merge_mode: MergeMode
+
+
+class MergeModeUpdate(BaseModel):
+    mode: MergeMode
 
 
 class AdaptersPublic(BaseModel):

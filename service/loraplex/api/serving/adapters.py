@@ -41,12 +41,12 @@ async def read_upload(files: list[UploadFile], max_bytes: int) -> tuple[dict[str
 
 async def to_public(engine: AsyncEngine, record: AdapterVersion) -> AdapterPublic:
     key = record.lora_key
-    residency, pinned = await engine.call(lambda e: (e.residency(key), key in e.pinned_keys))
+    residency, pinned, mode = await engine.call(lambda e: (e.residency(key), key in e.pinned_keys, e.merge_mode(key)))
     return AdapterPublic(
         id=record.id, versioned_id=record.versioned_id, tenant=record.tenant, name=record.name,
         version=record.version, rank=record.rank, alpha=record.alpha, target_modules=list(record.target_modules),
         size_bytes=record.size_bytes, sha256=record.sha256, created_at=record.created_at, shared=record.shared,
-        residency=residency, pinned=pinned,
+        residency=residency, pinned=pinned, merge_mode=mode,
     )
 
 
@@ -59,17 +59,19 @@ async def list_public(engine: AsyncEngine, registry: AdapterRegistry, principal:
 
 async def admin_action(engine: AsyncEngine, registry: AdapterRegistry, principal: Principal,
                        adapter_id: str, action: str) -> AdapterPublic:
+    """pin | unpin | load | evict | merged | unmerged | auto (the last three set the merge mode)."""
     if not principal.is_admin:
         raise Forbidden(f"{action} is an admin action")
     record = await asyncio.to_thread(registry.resolve, principal, adapter_id)
     lora = record.lora_request()
     actions = {
+        **{mode: (lambda e, m=mode: e.set_merge_mode(lora, m)) for mode in ("merged", "unmerged", "auto")},
         "pin": lambda e: e.set_pinned(lora, True),
         "unpin": lambda e: e.set_pinned(lora, False),
         "load": lambda e: e.ensure_resident(lora),
         "evict": lambda e: e.evict(lora.key),
     }
     if not await engine.call(actions[action]):
-        reason = "every device slot is pinned or in use" if action in ("pin", "load") else "requests are using it"
+        reason = "requests are using it" if action == "evict" else "every device slot is pinned or in use"
         raise ServiceUnavailable(f"cannot {action} {adapter_id} now: {reason}", headers={"Retry-After": "1"})
     return await to_public(engine, record)
