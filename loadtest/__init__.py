@@ -1,0 +1,1 @@
+"""loraplex benchmark: `python loadtest/bench.py` (see loadtest/README.md)."""
