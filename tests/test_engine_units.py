@@ -16,25 +16,28 @@ def _reference_lora(x, a, b, slots):
     return torch.stack([b[s] @ (a[s] @ x[t]) for t, s in enumerate(slots)])
 
 
-def test_gather_and_segment_kernels_match_per_token_reference():
+@pytest.mark.parametrize("dense_limit", [0, 10_000])  # 0 forces the gather kernel
+@pytest.mark.parametrize("decode_slots", [[3, 0, 1, 3], [2, 2, 4, 1], [0, 0]])
+def test_decode_and_segment_kernels_match_per_token_reference(monkeypatch, dense_limit, decode_slots):
+    monkeypatch.setattr("loraplex.engine.lora_ops.DENSE_MAX_POOL_COLUMNS", dense_limit)
     torch.manual_seed(0)
     num_slots, r, d_in, d_out = 5, 4, 16, 24
     a = torch.randn(num_slots, r, d_in)
     b = torch.randn(num_slots, d_out, r)
     a[0].zero_(), b[0].zero_()
-    decode_slots = [3, 0, 1, 3]
     prefill_runs = [(5, 2), (3, 0), (4, 4)]
     slots = decode_slots + [s for n, s in prefill_runs for _ in range(n)]
     x = torch.randn(len(slots), d_in)
-    batch = build_lora_batch(decode_slots, prefill_runs, torch.device("cpu"))
+    batch = build_lora_batch(decode_slots, prefill_runs, torch.device("cpu"), num_slots, r)
+    assert (batch.decode_onehot is not None) == (dense_limit > 0 and any(decode_slots))
     y = torch.zeros(len(slots), d_out)
-    add_lora(y, x, a, b, batch)
+    add_lora(y, x, a, b.transpose(1, 2).contiguous(), batch)
     torch.testing.assert_close(y, _reference_lora(x, a, b, slots))
-    assert batch.used_slots == {1, 2, 3, 4}
+    assert batch.used_slots == {s for s in slots if s}
 
 
 def test_all_base_batch_is_empty():
-    assert build_lora_batch([0, 0], [(4, 0)], torch.device("cpu")).is_empty
+    assert build_lora_batch([0, 0], [(4, 0)], torch.device("cpu"), 5, 4).is_empty
 
 
 def test_slots_lru_eviction_skips_pinned_and_referenced():

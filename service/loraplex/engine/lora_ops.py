@@ -2,12 +2,14 @@
 
 The base matmul runs once for every token; this module adds the low-rank term
 `B[slot] @ (A[slot] @ x)` per token. Slot 0 of every pool buffer is all zeros (the base
-model), so tokens without an adapter need no masking. Two kernels, both plain torch ops
-that run on CPU and CUDA:
+model), so tokens without an adapter need no masking. Three kernels, all plain torch ops that
+run on CPU and CUDA:
 
-- gather (BGMV-style), for decode tokens: gather each token's A/B, two batched matvecs.
-- segments (SGMV-style), for prefill: each contiguous run of tokens that shares an adapter
-  does two dense matmuls.
+- dense (decode, small pools): one GEMM against every slot's A stacked ([S*r, d_in]), zero all but
+  each token's own slot block, one GEMM against every slot's B^T stacked ([S*r, d_out]). Two
+  dense matmuls beat gathering per-token weight copies while S*r stays small.
+- gather (BGMV-style, decode with big pools): gather each token's A/B, two batched matvecs.
+- segments (SGMV-style, prefill): each contiguous run of tokens sharing an adapter does two matmuls.
 
 The scaling alpha/r (or alpha/sqrt(r) for rsLoRA) is folded into B at load time.
 
@@ -20,15 +22,19 @@ from dataclasses import dataclass
 
 import torch
 
+DENSE_MAX_POOL_COLUMNS = 512  # use the dense decode kernel while num_slots * max_rank <= this
+
 
 @dataclass(frozen=True)
 class LoraBatch:
     """Which adapter slot each token of a step uses, computed once per step."""
 
-    # slot per decode token that has an adapter ([m]), or None if no decode token has one
+    num_decode_tokens: int  # decode tokens lead the flat batch
+    # dense kernel: [n, num_slots, 1] one-hot of each decode token's slot (None: not used)
+    decode_onehot: torch.Tensor | None
+    # gather kernel: slot of each decode token that has an adapter ([m]) ...
     gather_slots: torch.Tensor | None
-    num_gather_tokens: int  # decode tokens lead the flat batch
-    # [m] which decode tokens gather_slots belongs to; None when every decode token has an adapter
+    # ... and which decode tokens those are ([m]); None when every decode token has one
     gather_index: torch.Tensor | None
     # (start, end, slot) runs over the prefill tokens that follow, base runs left out
     segments: tuple[tuple[int, int, int], ...]
@@ -40,21 +46,25 @@ class LoraBatch:
         return not self.used_slots and self.compensation is None
 
 
-EMPTY_LORA_BATCH = LoraBatch(None, 0, None, (), frozenset())
+EMPTY_LORA_BATCH = LoraBatch(0, None, None, None, (), frozenset())
 
 
 def build_lora_batch(
     decode_slots: list[int], prefill_runs: list[tuple[int, int]], device: torch.device,
-    compensation: LoraBatch | None = None,
+    num_slots: int, max_rank: int, compensation: LoraBatch | None = None,
 ) -> LoraBatch:
     """decode_slots: slot of each decode token; prefill_runs: (num_tokens, slot) per prefill seq."""
-    used = {s for s in decode_slots if s} | {s for _, s in prefill_runs if s}
+    used = frozenset({s for s in decode_slots if s} | {s for _, s in prefill_runs if s})
     if not used:
-        return EMPTY_LORA_BATCH if compensation is None else LoraBatch(None, 0, None, (), frozenset(), compensation)
+        return EMPTY_LORA_BATCH if compensation is None else LoraBatch(0, None, None, None, (), used, compensation)
     num_decode = len(decode_slots)
-    gather = index = None
+    onehot = gather = index = None
     with_adapter = [i for i, s in enumerate(decode_slots) if s]
-    if with_adapter:
+    if with_adapter and num_slots * max_rank <= DENSE_MAX_POOL_COLUMNS:
+        onehot = torch.zeros(num_decode, num_slots, 1)
+        onehot[torch.arange(num_decode), torch.tensor(decode_slots)] = 1.0
+        onehot = onehot.to(device, non_blocking=True)
+    elif with_adapter:
         gather = _long_tensor([decode_slots[i] for i in with_adapter], device)
         if len(with_adapter) < num_decode:  # only these tokens do LoRA work
             index = _long_tensor(with_adapter, device)
@@ -63,30 +73,43 @@ def build_lora_batch(
         if slot:
             segments.append((start, start + num_tokens, slot))
         start += num_tokens
-    return LoraBatch(gather, num_decode, index, tuple(segments), frozenset(used), compensation)
+    return LoraBatch(num_decode, onehot, gather, index, tuple(segments), used, compensation)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor, batch: LoraBatch) -> None:
+    """In place: y[t] += B[slot_t] @ A[slot_t] @ x[t].
+
+    y: [T, d_out], x: [T, d_in], lora_a: [S, r, d_in], lora_bt: [S, r, d_out] (B transposed).
+    """
+    if batch.decode_onehot is not None:
+        _add_dense(y, x, lora_a, lora_bt, batch)
+    elif batch.gather_slots is not None:
+        _add_gathered(y, x, lora_a, lora_bt, batch)
+    for start, end, slot in batch.segments:
+        shrunk = x[start:end] @ lora_a[slot].t()  # [len, r]
+        y[start:end] += shrunk @ lora_bt[slot]  # [len, d_out]
+
+
+def _add_dense(y, x, lora_a, lora_bt, batch: LoraBatch) -> None:
+    n = batch.num_decode_tokens
+    num_slots, rank, d_in = lora_a.shape
+    shrunk = x[:n] @ lora_a.view(num_slots * rank, d_in).t()  # [n, S*r]: every slot's shrink
+    own = (shrunk.view(n, num_slots, rank) * batch.decode_onehot).view(n, num_slots * rank)  # keep own slot
+    y[:n] += own @ lora_bt.view(num_slots * rank, -1)  # [n, d_out]
+
+
+def _add_gathered(y, x, lora_a, lora_bt, batch: LoraBatch) -> None:
+    index = batch.gather_index
+    xs = x[: batch.num_decode_tokens] if index is None else x.index_select(0, index)  # [m, d_in]
+    a = lora_a.index_select(0, batch.gather_slots)  # [m, r, d_in]
+    bt = lora_bt.index_select(0, batch.gather_slots)  # [m, r, d_out]
+    shrunk = torch.bmm(a, xs.unsqueeze(-1))  # [m, r, 1]
+    out = torch.bmm(shrunk.transpose(1, 2), bt).squeeze(1)  # [m, d_out]
+    if index is None:
+        y[: batch.num_decode_tokens] += out
+    else:
+        y.index_add_(0, index, out)
 
 
 def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
-
-def add_lora(
-    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch
-) -> None:
-    """In place: y[t] += B[slot_t] @ A[slot_t] @ x[t].
-
-    y: [T, d_out], x: [T, d_in], lora_a: [num_slots, r, d_in], lora_b: [num_slots, d_out, r].
-    """
-    if batch.gather_slots is not None:
-        index = batch.gather_index
-        xs = x[: batch.num_gather_tokens] if index is None else x.index_select(0, index)  # [m, d_in]
-        a = lora_a.index_select(0, batch.gather_slots)  # [m, r, d_in]
-        b = lora_b.index_select(0, batch.gather_slots)  # [m, d_out, r]
-        out = torch.bmm(b, torch.bmm(a, xs.unsqueeze(-1))).squeeze(-1)  # [m, d_out]
-        if index is None:
-            y[: batch.num_gather_tokens] += out
-        else:
-            y.index_add_(0, index, out)
-    for start, end, slot in batch.segments:
-        shrunk = x[start:end] @ lora_a[slot].t()  # [len, r]
-        y[start:end] += shrunk @ lora_b[slot].t()  # [len, d_out]

@@ -19,7 +19,7 @@ class LoraPool:
         for linear in self.linears.values():
             w = linear.weight
             linear.lora_a = torch.zeros(num_slots, max_rank, linear.in_features, dtype=w.dtype, device=w.device)
-            linear.lora_b = torch.zeros(num_slots, linear.out_features, max_rank, dtype=w.dtype, device=w.device)
+            linear.lora_bt = torch.zeros(num_slots, max_rank, linear.out_features, dtype=w.dtype, device=w.device)
 
     @property
     def module_shapes(self) -> dict[tuple[int, str], tuple[int, int]]:
@@ -27,7 +27,7 @@ class LoraPool:
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for l in self.linears.values() for t in (l.lora_a, l.lora_b))
+        return sum(t.numel() * t.element_size() for l in self.linears.values() for t in (l.lora_a, l.lora_bt))
 
     def write(self, slot: int, host: HostLora) -> None:
         """Copy an adapter into `slot`, zero-padding ranks below max_rank."""
@@ -37,7 +37,7 @@ class LoraPool:
             linear = self.linears[where]
             rank = a.shape[0]
             linear.lora_a[slot, :rank].copy_(a, non_blocking=True)  # [r, d_in]
-            linear.lora_b[slot, :, :rank].copy_(b, non_blocking=True)  # [d_out, r]
+            linear.lora_bt[slot, :rank].copy_(b.t(), non_blocking=True)  # B^T: [r, d_out]
             linear.active_slots.add(slot)
 
     def write_negated(self, dst: int, src: int) -> None:
@@ -46,12 +46,12 @@ class LoraPool:
         for linear in self.linears.values():
             if src in linear.active_slots:
                 linear.lora_a[dst].copy_(linear.lora_a[src])
-                linear.lora_b[dst].copy_(linear.lora_b[src]).neg_()
+                linear.lora_bt[dst].copy_(linear.lora_bt[src]).neg_()
                 linear.active_slots.add(dst)
 
     def clear(self, slot: int) -> None:
         for linear in self.linears.values():
             if slot in linear.active_slots:
                 linear.lora_a[slot].zero_()
-                linear.lora_b[slot].zero_()
+                linear.lora_bt[slot].zero_()
                 linear.active_slots.discard(slot)

@@ -29,7 +29,7 @@ class MergeManager:
                 continue
             original = linear.weight.detach().clone()
             self._originals[where] = original
-            delta = linear.lora_b[slot].float() @ linear.lora_a[slot].float()  # [d_out, r] @ [r, d_in]
+            delta = linear.lora_bt[slot].float().t() @ linear.lora_a[slot].float()  # [d_out, r] @ [r, d_in]
             linear.weight.copy_((original.float() + delta).to(original.dtype))
         self.pool.write_negated(self.compensation_slot, slot)
         self.merged_slot = slot

@@ -37,7 +37,7 @@ class LoraLinear(nn.Module):
         self.weight = linear.weight  # [d_out, d_in]
         self.bias = linear.bias
         self.lora_a: torch.Tensor | None = None  # [num_slots, r, d_in]
-        self.lora_b: torch.Tensor | None = None  # [num_slots, d_out, r]
+        self.lora_bt: torch.Tensor | None = None  # [num_slots, r, d_out] (B transposed)
         self.active_slots: set[int] = set()  # slots holding non-zero weights for this module
 
     @property
@@ -53,9 +53,9 @@ class LoraLinear(nn.Module):
         if self.lora_a is None:
             return y
         if not self.active_slots.isdisjoint(lora.used_slots):
-            add_lora(y, x, self.lora_a, self.lora_b, lora)
+            add_lora(y, x, self.lora_a, self.lora_bt, lora)
         if lora.compensation is not None and not self.active_slots.isdisjoint(lora.compensation.used_slots):
-            add_lora(y, x, self.lora_a, self.lora_b, lora.compensation)
+            add_lora(y, x, self.lora_a, self.lora_bt, lora.compensation)
         return y
 
 

@@ -70,8 +70,12 @@ class ModelRunner:
         compensation = None
         if merged is not None:
             extra = lambda s: 0 if s.slot == merged else self.merge.compensation_slot  # noqa: E731
-            compensation = build_lora_batch([extra(s) for s in decode], [(len(s.prompt_ids), extra(s)) for s in prefill], self.device)
-        return build_lora_batch([own(s) for s in decode], [(len(s.prompt_ids), own(s)) for s in prefill], self.device, compensation)
+            compensation = self._build_lora([extra(s) for s in decode], [(len(s.prompt_ids), extra(s)) for s in prefill])
+        return self._build_lora([own(s) for s in decode], [(len(s.prompt_ids), own(s)) for s in prefill], compensation)
+
+    def _build_lora(self, decode_slots, prefill_runs, compensation=None) -> LoraBatch:
+        pool = self.merge.pool
+        return build_lora_batch(decode_slots, prefill_runs, self.device, pool.num_slots, pool.max_rank, compensation)
 
     def _attention_metadata(self, decode: list[Sequence], prefill: list[Sequence]) -> AttentionMetadata:
         write_index = decode_mask = None
