@@ -1,0 +1,138 @@
+"""Uploaded training files: validated JSONL kept per tenant, addressed only by server-made ids.
+
+    <data_dir>/.files/<tenant>/<file-id>.jsonl   the bytes, exactly as uploaded
+    <data_dir>/.files/<tenant>/<file-id>.json    the record (written last: a file exists once it is there)
+
+Paths are built from the tenant (an id part) and an id matching `file-<24 hex>`, never from a name the
+caller sent. Another tenant's file is reported exactly like a missing one. The directory sits on the
+data volume the adapters use, so every replica and worker that sees the adapters sees the files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loraplex.registry.adapter_config import RegistryError
+from loraplex.registry.versioned_store import is_id_part
+from loraplex.training.datasets import ParsedDataset, validate_jsonl
+
+FINE_TUNE = "fine-tune"
+PURPOSES = (FINE_TUNE,)
+_FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
+
+
+class FileNotFound(RegistryError):
+    """404 for a missing file, a malformed id and another tenant's file alike (no existence oracle)."""
+
+    status = 404
+    code = "file_not_found"
+
+    def __init__(self, file_id: str, param: str | None = "file_id"):
+        super().__init__(f"No such File object: {file_id}")
+        self.file_id = file_id
+        self.param = param
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    tenant: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    num_examples: int
+    format: str  # "prompt_completion" | "chat"
+    order: int = 0  # creation time in ns: newest-first listing
+
+
+class FileStore:
+    def __init__(self, data_dir: Path, max_bytes: int, max_lines: int):
+        self.root = Path(data_dir) / ".files"
+        self.max_bytes, self.max_lines = max_bytes, max_lines
+
+    def create(self, tenant: str, filename: str, purpose: str, data: bytes) -> FileRecord:
+        """Validate (DatasetError lists line-numbered problems), then store bytes and record."""
+        parsed = validate_jsonl(data, max_bytes=self.max_bytes, max_lines=self.max_lines)
+        record = FileRecord(
+            id=f"file-{uuid.uuid4().hex[:24]}", tenant=tenant, filename=_safe_filename(filename), purpose=purpose,
+            bytes=len(data), created_at=int(time.time()), num_examples=len(parsed), format=parsed.format,
+            order=time.time_ns(),
+        )
+        directory = self._tenant_dir(tenant)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(directory / f"{record.id}.jsonl", data)
+        _write_atomically(directory / f"{record.id}.json", json.dumps(asdict(record)).encode())
+        return record
+
+    def get(self, tenant: str | None, file_id: str, param: str | None = "file_id") -> FileRecord:
+        """The file if `tenant` owns it (None: any tenant, for the admin); FileNotFound otherwise."""
+        if not _FILE_ID.fullmatch(file_id):
+            raise FileNotFound(file_id, param)
+        for owner in [tenant] if tenant is not None else self._tenants():
+            try:
+                return FileRecord(**json.loads((self._tenant_dir(owner) / f"{file_id}.json").read_text()))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        raise FileNotFound(file_id, param)
+
+    def list(self, tenant: str | None, purpose: str | None = None) -> list[FileRecord]:
+        """Newest first."""
+        records = []
+        for owner in [tenant] if tenant is not None else self._tenants():
+            for meta in sorted(self._tenant_dir(owner).glob("file-*.json")):
+                try:
+                    records.append(FileRecord(**json.loads(meta.read_text())))
+                except (OSError, ValueError, TypeError):
+                    continue  # deleted meanwhile, or not ours
+        records = [r for r in records if purpose is None or r.purpose == purpose]
+        return sorted(records, key=lambda r: r.order, reverse=True)
+
+    def content(self, record: FileRecord) -> bytes:
+        try:
+            return (self._tenant_dir(record.tenant) / f"{record.id}.jsonl").read_bytes()
+        except FileNotFoundError:
+            raise FileNotFound(record.id) from None
+
+    def dataset(self, record: FileRecord) -> ParsedDataset:
+        """Parse again for training (a file is validated at upload, so this fails only if the limits shrank)."""
+        return validate_jsonl(self.content(record), max_bytes=max(self.max_bytes, record.bytes),
+                              max_lines=max(self.max_lines, record.num_examples))
+
+    def delete(self, record: FileRecord) -> None:
+        directory = self._tenant_dir(record.tenant)
+        (directory / f"{record.id}.json").unlink(missing_ok=True)  # the record first: gone from this instant
+        (directory / f"{record.id}.jsonl").unlink(missing_ok=True)
+
+    def _tenant_dir(self, tenant: str) -> Path:
+        if not is_id_part(tenant):
+            raise FileNotFound("?")
+        return self.root / tenant
+
+    def _tenants(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_id_part(p.name))
+
+
+def _safe_filename(filename: str) -> str:
+    """Kept only as a label: the last path part, printable, bounded."""
+    name = (filename or "upload.jsonl").replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(c for c in name if c.isprintable())[:255] or "upload.jsonl"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

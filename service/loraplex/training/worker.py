@@ -1,0 +1,291 @@
+"""The fine-tuning worker: claims queued jobs from the `JobStore`, trains them, publishes the adapter.
+
+`loraplex worker` runs `Worker.run` in the foreground until SIGTERM. One job at a time per process: a
+job owns the device while it trains. For each job: `validating_files` (re-read the files) -> `running`
+(`train_lora`, every logged step an event, a heartbeat thread, `should_stop` polling the cancel flag)
+-> publish through the adapter registry as `<tenant>/<suffix | ft-<id>>` (a new version if the name
+exists) -> `succeeded` with `fine_tuned_model = <tenant>/<name>@<n>`. The server picks the adapter up on
+the next request that names it: no restart. Between jobs the worker also reaps stale jobs.
+
+On SIGTERM a running job is given back to the queue (not failed): the next worker starts it over.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loraplex.config import Settings
+from loraplex.registry.auth import Principal
+from loraplex.registry.service import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.training.datasets import DatasetError
+from loraplex.training.files import FileNotFound, FileStore
+from loraplex.training.hyperparams import HyperparameterError
+from loraplex.training.trainer import TrainingCancelled, train_lora  # cancelled: by a user, the reaper or shutdown
+from loraplex.training.jobs import (
+    CANCELLED, CLAIMED, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore, build_job_store, job_hyperparameters,
+    make_event, reap_stale,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # idle wait between claims, and the longest a cancel flag goes unread
+PROGRESS_EVERY_S = 1.0  # job record step/estimate updates (events go out for every logged step)
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: JobStore, files: FileStore, model_dir: Path, publisher):
+        self.settings, self.store, self.files, self.model_dir = settings, store, files, Path(model_dir)
+        self.publisher = publisher  # (job, adapter_dir) -> versioned adapter id
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.shutdown = threading.Event()
+        self._next_reap = 0.0
+
+    def run(self) -> None:
+        log.info("worker %s waiting for fine-tuning jobs", self.worker_id)
+        while not self.shutdown.is_set():
+            self._reap_now_and_then()
+            job = self.store.claim(self.worker_id)
+            if job is None:
+                self.shutdown.wait(POLL_S)
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: JobRecord) -> None:
+        log.info("job %s claimed (tenant %s)", job.id, job.tenant)
+        work_dir = self.settings.data_dir / ".jobs" / "work" / job.id
+        shutil.rmtree(work_dir, ignore_errors=True)  # a previous attempt's leftovers
+        progress = _Progress(self.store, job.id, self.shutdown)
+        heartbeat = _Heartbeat(self.store, job.id, self.settings.worker_heartbeat_s)
+        try:
+            self._train_and_publish(job, work_dir, progress)
+        except TrainingCancelled:
+            self._stopped(job, progress)
+        except (DatasetError, FileNotFound) as exc:
+            param = getattr(exc, "param", None) or "training_file"
+            self._fail(job, "invalid_training_file", str(exc), param)
+        except HyperparameterError as exc:
+            self._fail(job, "invalid_hyperparameters", str(exc), exc.param)
+        except Exception as exc:  # a bug or a device failure: the job fails, the worker goes on
+            log.exception("job %s failed", job.id)
+            self._fail(job, "training_error", f"{type(exc).__name__}: {exc}", None)
+        finally:
+            heartbeat.stop()
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _train_and_publish(self, job: JobRecord, work_dir: Path, progress: _Progress) -> None:
+        self.store.add_event(job.id, make_event(f"Validating training file: {job.training_file}"))
+        train = self.files.dataset(self.files.get(job.tenant, job.training_file, param="training_file"))
+        valid = None
+        if job.validation_file:
+            valid = self.files.dataset(self.files.get(job.tenant, job.validation_file, param="validation_file"))
+        hp = job_hyperparameters(job.hyperparameters, job.seed, self.settings.max_train_steps)
+        resolved = hp.resolve(len(train), self.settings.max_lora_rank)
+        if self.store.update(job.id, expect=CLAIMED, status=RUNNING, num_steps=resolved.num_steps,
+                             resolved_hyperparameters=resolved.to_dict()) is None:
+            raise TrainingCancelled(0)  # cancelled or reaped meanwhile
+        self.store.add_event(job.id, make_event("Fine-tuning job started."))
+        result = train_lora(self.model_dir, train, hp, work_dir / "adapter", on_event=progress.on_event,
+                            should_stop=progress.should_stop, validation=valid, device=self.settings.device,
+                            max_lora_rank=self.settings.max_lora_rank)
+        if progress.should_stop(force=True):
+            raise TrainingCancelled(result.num_steps)
+        adapter_id = self.publisher(job, result.out_dir)
+        metrics = {"step": result.num_steps, "train_loss": result.final_loss, "valid_loss": result.valid_loss,
+                   "valid_mean_token_accuracy": result.valid_token_accuracy}
+        checkpoint = {"id": f"ftckpt-{job.id[6:]}", "object": "fine_tuning.job.checkpoint",
+                      "created_at": int(time.time()), "fine_tuned_model_checkpoint": adapter_id,
+                      "fine_tuning_job_id": job.id, "step_number": result.num_steps, "metrics": metrics}
+        self.store.update(job.id, expect=CLAIMED, status=SUCCEEDED, fine_tuned_model=adapter_id,
+                          trained_tokens=result.train_tokens, finished_at=int(time.time()), step=result.num_steps,
+                          estimated_finish=None, checkpoints=[checkpoint])
+        self.store.add_event(job.id, make_event(f"New fine-tuned model created: {adapter_id}"))
+        self.store.add_event(job.id, make_event("The job has successfully completed."))
+        log.info("job %s succeeded: %s", job.id, adapter_id)
+
+    def _stopped(self, job: JobRecord, progress: _Progress) -> None:
+        if self.shutdown.is_set() and not progress.is_cancel_requested:
+            self.store.requeue(job.id)
+            self.store.add_event(job.id, make_event("The worker shut down; the job was queued again."))
+            return
+        if self.store.update(job.id, expect=CLAIMED, status=CANCELLED, finished_at=int(time.time()),
+                             estimated_finish=None) is not None:
+            self.store.add_event(job.id, make_event("Fine-tuning job cancelled."))
+
+    def _fail(self, job: JobRecord, code: str, message: str, param: str | None) -> None:
+        error = {"code": code, "message": message, "param": param}
+        if self.store.update(job.id, expect=CLAIMED, status=FAILED, error=error, finished_at=int(time.time()),
+                             estimated_finish=None) is not None:
+            self.store.add_event(job.id, make_event(f"Fine-tuning job failed: {message}", level="error"))
+
+    def _reap_now_and_then(self) -> None:
+        if time.monotonic() < self._next_reap:
+            return
+        self._next_reap = time.monotonic() + max(1.0, self.settings.job_stale_after_s / 4)
+        try:
+            for job in reap_stale(self.store, self.settings.job_stale_after_s):
+                log.warning("job %s failed: its worker %s stopped sending heartbeats", job.id, job.worker_id)
+        except Exception:
+            log.exception("reaping stale jobs failed")
+
+
+class _Progress:
+    """`on_event` and `should_stop` for `train_lora`: events out, the cancel flag in (read every POLL_S)."""
+
+    def __init__(self, store: JobStore, job_id: str, shutdown: threading.Event):
+        self.store, self.job_id, self.shutdown = store, job_id, shutdown
+        self.is_cancel_requested = False
+        self._next_check = 0.0
+        self._next_progress = 0.0
+
+    def should_stop(self, force: bool = False) -> bool:
+        if self.shutdown.is_set() or self.is_cancel_requested:
+            return True
+        if force or time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + POLL_S
+            try:
+                job = self.store.get(self.job_id)
+            except Exception as exc:  # the store is down: keep training, ask again next poll
+                log.warning("cannot read job %s: %s", self.job_id, exc)
+                return False
+            self.is_cancel_requested = job.cancel_requested or job.status not in CLAIMED  # reaped: stop too
+        return self.is_cancel_requested
+
+    def on_event(self, event) -> None:
+        progress = event.step / max(1, event.num_steps_total)
+        data = {"step": event.step, "total_steps": event.num_steps_total, "epoch": event.epoch,
+                "train_loss": round(event.loss, 6), "learning_rate": event.learning_rate,
+                "progress": round(progress, 4), "elapsed_s": round(event.elapsed_s, 3)}
+        message = f"Step {event.step}/{event.num_steps_total}: training loss={event.loss:.4f}"
+        self.store.add_event(self.job_id, make_event(message, data=data))
+        if time.monotonic() >= self._next_progress or event.step == event.num_steps_total:
+            self._next_progress = time.monotonic() + PROGRESS_EVERY_S
+            remaining_s = event.elapsed_s / max(1, event.step) * (event.num_steps_total - event.step)
+            self.store.update(self.job_id, expect=(RUNNING,), step=event.step,
+                              estimated_finish=int(time.time() + remaining_s))
+
+
+class _Heartbeat:
+    """A daemon thread stamping the job every `interval_s` while it is claimed (training holds the GIL
+    only in short stretches between torch ops, so the stamp keeps coming during a step)."""
+
+    def __init__(self, store: JobStore, job_id: str, interval_s: float):
+        self.store, self.job_id, self.interval_s = store, job_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.store.heartbeat(self.job_id)
+            except Exception as exc:  # the store is down: the next beat may get through
+                log.warning("heartbeat of %s failed: %s", self.job_id, exc)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class RegistryPublisher:
+    """Publishes a trained adapter as a new version of `<tenant>/<name>` through the adapter registry."""
+
+    def __init__(self, settings: Settings, model_dir: Path):
+        from loraplex.registry.factory import build_registry
+        from loraplex.registry.validation import module_shapes_from_hf_config
+
+        allowed = set(settings.lora_target_module_list)
+        shapes = module_shapes_from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        self.runtime = build_registry(settings, {k: v for k, v in shapes.items() if k[1] in allowed})
+
+    def __call__(self, job: JobRecord, adapter_dir: Path) -> str:
+        name = job.suffix or f"ft-{job.id[6:14]}"
+        files = {name_: (adapter_dir / name_).read_bytes() for name_ in (CONFIG_FILE, WEIGHTS_FILE)}
+        record = self.runtime.registry.upload(Principal(tenant=None, is_admin=True), name, files, tenant=job.tenant)
+        return record.versioned_id
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def run_worker(settings: Settings) -> int:
+    """`loraplex worker`: the loop in the foreground until SIGTERM/SIGINT."""
+    from loraplex.api.log_config import configure_logging
+    from loraplex.engine_factory import resolve_model_path
+
+    configure_logging(settings.log_level, settings.log_format)
+    model_dir = Path(resolve_model_path(settings))
+    store = build_job_store(settings)
+    publisher = RegistryPublisher(settings, model_dir)
+    files = FileStore(settings.data_dir, settings.max_file_bytes, settings.max_file_lines)
+    worker = Worker(settings, store, files, model_dir, publisher)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.shutdown.set())
+    try:
+        worker.run()
+    finally:
+        publisher.close()
+        store.close()
+    log.info("worker %s stopped", worker.worker_id)
+    return 0
+
+
+class LocalWorkerProcess:
+    """The embedded default: one `loraplex worker` child of the server, with the server's settings.
+    Started with the first job (or at startup when jobs are pending), so a server that never fine-tunes
+    never pays for a second process holding torch."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self.process is None or self.process.poll() is not None:
+                self.process = start_worker_process(self.settings)
+                log.info("started fine-tuning worker process %d", self.process.pid)
+
+    def has_died(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (a running job goes back to the queue), then SIGKILL if it does not exit in time."""
+        with self._lock:
+            process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_worker_process(settings: Settings) -> subprocess.Popen:
+    import loraplex
+
+    env = {**os.environ, **settings_env(settings)}
+    package_root = str(Path(loraplex.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return subprocess.Popen([sys.executable, "-m", "loraplex", "worker"], env=env)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """`LORAPLEX_*` variables that rebuild these settings in a child process."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"LORAPLEX_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
