@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable fro
 if importlib.util.find_spec("loraplex") is None:  # not installed: use the checkout's (demo tokenizer)
     sys.path.append(str(Path(__file__).resolve().parents[1] / "service"))
 
-from loadtest import baselines, report, roofline, serving, workload  # noqa: E402
+from loadtest import baselines, engine_sections, report, roofline, serving, workload  # noqa: E402
 from loadtest.metrics import RunResult  # noqa: E402
 from loadtest.runtime import Runtime, pick_runtime  # noqa: E402
 
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--naive-max-s", type=float, default=300.0,
                    help="time budget of the naive baseline; past it, throughput comes from the requests served")
     p.add_argument("--no-server", action="store_true", help="skip the loraplex HTTP section")
+    p.add_argument("--skip-engine-sections", action="store_true", help="skip the in-process merge and cold-load sections")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".data" / "bench", help="model/adapter cache")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results", help="bench.json/png dir")
@@ -86,6 +87,11 @@ def run_sections(args: argparse.Namespace, rt: Runtime, built: workload.BuiltWor
         runs |= served["runs"]
         out["loraplex"] = {"server": served["server"], "first_token": served["first_token"].to_dict(),
                            "dedicated": served["dedicated"].to_dict(), "decode_step_s": served["decode_step_s"]}
+    if not args.skip_engine_sections:
+        _log("in-process engine: merged serving (latency, auto vs unmerged, switch time)")
+        out["merge"] = engine_sections.merge_section(built, rt, prompts, repeats=1 if args.quick else 3)
+        _log("in-process engine: cold adapter loads while decoding")
+        out["cold_load"] = engine_sections.cold_load_section(built, rt, prompts)
     _log("HF transformers + PEFT baselines, in-process" + (" (naive skipped)" if args.skip_naive else ""))
     runs |= baselines.run_all(built, rt, prompts, args.skip_naive, args.naive_max_s, log=_log)
     _log("roofline at end: memory bandwidth and matmul peak")
@@ -106,4 +112,5 @@ def _log(message: str) -> None:
 
 if __name__ == "__main__":
     results = main()
-    sys.exit(0 if all(r["passed"] is not False for r in results["ratios"].values()) else 1)
+    checks = list(results["ratios"].values()) + list(results.get("merge", {}).get("ratios", {}).values())
+    sys.exit(0 if all(r["passed"] is not False for r in checks) else 1)

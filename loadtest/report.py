@@ -48,9 +48,32 @@ def print_report(results: dict) -> None:
             verdict = {True: "PASS", False: "FAIL", None: "info"}[r["passed"]]
             print(f"{name:<22}{r['value']:>8.2f}{target:>8}  {verdict}  ({r['numerator']} / {r['denominator']})")
     _print_roofline(results.get("roofline"), results.get("loraplex", {}).get("first_token"))
+    _print_engine_sections(results.get("merge"), results.get("cold_load"))
     if setup["load_avg_1m"] > 0.5 * setup["cpu_count"]:
         print(f"\nWARNING: load average {setup['load_avg_1m']:.2f} on {setup['cpu_count']} CPUs at start: other "
               "work was running, so these numbers are not reliable (CPU thread pools stall when oversubscribed)")
+
+
+def _print_engine_sections(merge: dict | None, cold: dict | None) -> None:
+    if merge:
+        t = merge["tpot_s"]
+        print(f"\nmerged serving ({merge['notes']}):")
+        print(f"  per-token latency ms: base {t['base'] * 1e3:.2f}, unmerged {t['unmerged'] * 1e3:.2f}, merged {t['merged'] * 1e3:.2f}")
+        for name, mix in merge["mixes"].items():
+            print(f"  {name}: unmerged {mix['unmerged']:.1f} tok/s, auto {mix['auto']:.1f} tok/s")
+        for name, r in merge["ratios"].items():
+            target = "-" if r["target"] is None else f"{r['target']:.2f}"
+            print(f"  {name:<28}{r['value']:>7.3f}{target:>7}  {({True: 'PASS', False: 'FAIL', None: 'info'})[r['passed']]}")
+        print(f"  switch time: merge {merge['switch_s']['merge_p50'] * 1e3:.1f} ms, unmerge {merge['switch_s']['unmerge_p50'] * 1e3:.1f} ms")
+    if cold:
+        steps = cold["decode_step_s"]
+        print(f"\ncold adapter loads ({cold['notes']}): {cold['num_loads']} loads, "
+              f"p50 {_ms(cold['load_s']['p50'])} ms, p95 {_ms(cold['load_s']['p95'])} ms; decode step p50 "
+              f"{_ms(steps['without_loads_p50'])} ms without loads, {_ms(steps['during_loads_p50'])} ms during loads")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
 def _print_roofline(roof: dict | None, first_token: dict | None) -> None:

@@ -81,6 +81,9 @@ class AdapterSlots:
     def pin(self, key: str, is_pinned: bool = True) -> None:
         self._by_key[key].is_pinned = is_pinned
 
+    def num_loading(self) -> int:
+        return sum(not s.is_ready for s in self._by_key.values())
+
     def resident_keys(self) -> list[str]:
         return [k for k, s in self._by_key.items() if s.is_ready]
 
