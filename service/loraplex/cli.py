@@ -7,6 +7,8 @@ in `COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -22,7 +24,8 @@ GRACEFUL_SHUTDOWN_S = 5  # after the drain, uvicorn's own wait for connections t
 
 class Command(NamedTuple):
     help: str
-    run: Callable[[Settings], int]
+    run: Callable[..., int]  # run(settings), or run(settings, args) when `arguments` adds its own
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
 def serve(settings: Settings) -> int:
@@ -37,8 +40,63 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def worker(settings: Settings) -> int:
+    """Train queued fine-tuning jobs in this process until SIGTERM."""
+    from loraplex.training.worker import run_worker  # heavy (torch): only when training
+
+    return run_worker(settings)
+
+
+def jobs(settings: Settings, args: argparse.Namespace) -> int:
+    return watch_job(args.url or f"http://{settings.host}:{settings.port}", args.api_key, args.job_id)
+
+
+def watch_job(url: str, api_key: str | None, job_id: str, poll_s: float = 1.0, out=None) -> int:
+    """Poll the HTTP API, redrawing one progress line (step/total, loss, status) until the job ends.
+    Exit status: 0 succeeded, 1 failed or cancelled, 2 the API refused (unknown job, bad key...)."""
+    import httpx
+
+    out = out or sys.stdout
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+        while True:
+            job = client.get(f"/v1/fine_tuning/jobs/{job_id}")
+            events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 50})
+            if job.status_code != 200 or events.status_code != 200:
+                failed = job if job.status_code != 200 else events
+                print(f"\nloraplex: {failed.status_code} {failed.text}", file=sys.stderr)
+                return 2
+            job = job.json()
+            metrics = next((e["data"] for e in events.json()["data"] if e.get("data")), None)
+            out.write("\r" + progress_line(job, metrics))
+            out.flush()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                detail = job["fine_tuned_model"] or (job.get("error") or {}).get("message") or ""
+                out.write(f"\n{job['status']}: {detail}\n")
+                return 0 if job["status"] == "succeeded" else 1
+            time.sleep(poll_s)
+
+
+def progress_line(job: dict, metrics: dict | None, width: int = 30) -> str:
+    step, total = (metrics["step"], metrics["total_steps"]) if metrics else (0, 0)
+    if job["status"] == "succeeded":
+        step = total = total or 1
+    filled = int(width * step / total) if total else 0
+    loss = f"loss {metrics['train_loss']:.4f}" if metrics else "loss -"
+    return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total or '?'} {loss} {job['status']:<16}"
+
+
+def _jobs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["watch"], help="watch: live progress of one job until it ends")
+    parser.add_argument("job_id", help="ftjob-...")
+    parser.add_argument("--url", default=None, help="Server URL (default: http://<host>:<port> from settings).")
+    parser.add_argument("--api-key", dest="api_key", default=None, help="Bearer key (default: none, dev mode).")
+
+
 COMMANDS: dict[str, Command] = {
     "serve": Command("Serve the OpenAI-compatible HTTP API.", serve),
+    "worker": Command("Run a fine-tuning worker: claim queued jobs, train, publish adapters.", worker),
+    "jobs": Command("Fine-tuning jobs from the command line: `jobs watch <id>`.", jobs, _jobs_arguments),
 }
 
 
@@ -49,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ValidationError as exc:
         parser.error("invalid settings:\n" + _describe_errors(exc))
-    return COMMANDS[args.command].run(settings)
+    command = COMMANDS[args.command]
+    return command.run(settings, args) if command.arguments else command.run(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="One frozen base LLM, many per-tenant LoRA adapters, batched together.",
         epilog="Every option can also be set by its environment variable; a flag wins over the environment.",
         parents=[settings_flags],
+        allow_abbrev=False,  # `jobs watch --api-key` must not read as an abbreviation of `--api-keys`
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
-        commands.add_parser(name, help=command.help, description=command.help, parents=[settings_flags])
+        sub = commands.add_parser(name, help=command.help, description=command.help, parents=[settings_flags])
+        if command.arguments:
+            command.arguments(sub)
     return parser
 
 

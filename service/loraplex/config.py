@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     tenant_requests_per_minute: int = Field(0, ge=0, description="Per-tenant request rate limit (0 = unlimited); over it: 429 + Retry-After.")
     tenant_tokens_per_minute: int = Field(0, ge=0, description="Per-tenant limit on prompt + max tokens per minute (0 = unlimited).")
 
+    # Fine-tuning
+    start_local_worker: bool = Field(True, description="Start one `loraplex worker` process beside the server (the embedded default); false when workers run elsewhere.")
+    max_file_bytes: int = Field(32 << 20, ge=1024, description="Largest training file upload (bytes); larger is 413.")
+    max_file_lines: int = Field(100_000, ge=1, description="Most examples (non-blank lines) in one training file.")
+    max_jobs_per_tenant: int = Field(2, ge=1, description="Fine-tuning jobs a tenant may have queued or running at once; more is 429.")
+    max_train_steps: int = Field(20_000, ge=1, description="Most optimizer steps one fine-tuning job may run (epochs x batches).")
+    worker_heartbeat_s: float = Field(2.0, gt=0, le=600, description="How often a worker records that its job is alive.")
+    job_stale_after_s: float = Field(60.0, gt=0, description="A running job with no heartbeat for this long is marked failed (its worker died).")
+
     # Request limits
     max_prompt_chars: int = Field(200_000, ge=1, description="Largest prompt string accepted (characters).")
     max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")

@@ -26,6 +26,8 @@ from loraplex.engine.async_engine import AsyncEngine
 from loraplex.api.rate_limit import TenantRateLimiter
 from loraplex.registry.auth import load_api_keys
 from loraplex.registry.factory import build_registry
+from loraplex.training.files import FileStore
+from loraplex.training.jobs import build_job_store, has_pending_jobs, reap_stale
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.settings = settings
     app.state.engine = None  # set once the model is loaded and the engine loop runs
     app.state.registry = None  # needs the model's module shapes: built with the engine
+    app.state.file_store = FileStore(settings.data_dir, settings.max_file_bytes, settings.max_file_lines)
+    app.state.job_store = None  # opened by the lifespan (Redis or the local job files)
+    app.state.local_worker = None  # the embedded worker process, when settings.start_local_worker
     app.state.api_keys = load_api_keys(settings.api_keys, settings.api_keys_file)
     app.state.rate_limiter = TenantRateLimiter(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute)
     if not app.state.api_keys and not settings.admin_key:
@@ -65,9 +70,11 @@ def _lifespan(given_engine: AsyncEngine | None):
         await _merge_at_start(app.state.settings, engine, runtime.registry)
         app.state.engine = engine
         log.info("serving %s (max_model_len=%d)", engine.model_name, engine.max_model_len)
+        fine_tuning = await _start_fine_tuning(app)
         try:
             yield
         finally:
+            await _stop_fine_tuning(app, fine_tuning)
             app.state.engine = None
             runtime.close()
             if given_engine is None:
@@ -96,6 +103,41 @@ def _on_registry_change(engine: AsyncEngine, registry, event) -> None:
         adapter_id = f"{event['tenant']}/{event['name']}"
         registry.forget(event["tenant"], event["name"])
         engine.submit(lambda e: e.evict_versions_of(adapter_id))
+
+
+async def _start_fine_tuning(app: FastAPI) -> asyncio.Task:
+    """The job store, the reaper of jobs whose worker died and, in the embedded default, one local worker
+    process (started now if jobs are pending, else with the first job). The API process only enqueues."""
+    settings = app.state.settings
+    app.state.job_store = await asyncio.to_thread(build_job_store, settings)
+    app.state.local_worker = None
+    if settings.start_local_worker:
+        from loraplex.training.worker import LocalWorkerProcess
+
+        app.state.local_worker = LocalWorkerProcess(settings)
+        if await asyncio.to_thread(has_pending_jobs, app.state.job_store):
+            app.state.local_worker.ensure_running()
+    return asyncio.create_task(_reap_forever(app.state.job_store, settings.job_stale_after_s, app.state.local_worker))
+
+
+async def _stop_fine_tuning(app: FastAPI, reaper: asyncio.Task) -> None:
+    reaper.cancel()
+    if app.state.local_worker is not None:
+        await asyncio.to_thread(app.state.local_worker.stop)
+    app.state.job_store.close()
+
+
+async def _reap_forever(store, stale_after_s: float, local_worker) -> None:
+    """Fail jobs whose worker died; restart the local worker if it died with jobs still to run."""
+    while True:
+        await asyncio.sleep(max(0.5, stale_after_s / 4))
+        try:
+            for job in await asyncio.to_thread(reap_stale, store, stale_after_s):
+                log.warning("job %s failed: its worker %s stopped sending heartbeats", job.id, job.worker_id)
+            if local_worker is not None and local_worker.has_died() and await asyncio.to_thread(has_pending_jobs, store):
+                local_worker.ensure_running()
+        except Exception:
+            log.exception("reaping stale fine-tuning jobs failed")
 
 
 def _build_engine(settings: Settings) -> AsyncEngine:

@@ -1,0 +1,116 @@
+"""Fine-tuning bodies (OpenAI's shape): FineTuningJobCreate / FineTuningJobPublic / ...sPublic, events, checkpoints.
+
+LoRA extension: `lora_r`, `lora_alpha`, `lora_dropout` and `target_modules` go *inside* the
+hyperparameters object, beside OpenAI's three, wherever that object is sent:
+`method.supervised.hyperparameters` or the legacy top-level `hyperparameters`. Values are checked by
+`training.hyperparams` (not here), so every bad value is a 400 whose `param` is the field's own name.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class HyperparametersIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt hyperparameter is an error, not ignored
+
+    n_epochs: Any = "auto"
+    batch_size: Any = "auto"
+    learning_rate_multiplier: Any = "auto"
+    lora_r: Any = None  # default 8
+    lora_alpha: Any = None  # default 2 * lora_r
+    lora_dropout: Any = None  # default 0.0
+    target_modules: Any = None  # default: every projection the server can serve
+
+
+class SupervisedIn(BaseModel):
+    hyperparameters: HyperparametersIn | None = None
+
+
+class MethodIn(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedIn | None = None
+
+
+class FineTuningJobCreate(BaseModel):
+    model: str = Field(max_length=256)
+    training_file: str = Field(max_length=64)
+    validation_file: str | None = Field(None, max_length=64)
+    suffix: str | None = Field(None, max_length=40, description="Adapter name: <tenant>/<suffix>; default ft-<job id>.")
+    seed: int | None = None
+    method: MethodIn | None = None
+    hyperparameters: HyperparametersIn | None = None  # legacy placement, same fields
+    integrations: list[Any] | None = None  # accepted for SDK compatibility, not used
+    metadata: dict[str, str] | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJobPublic(BaseModel):
+    id: str  # "ftjob-<hex>"
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    created_at: int
+    finished_at: int | None
+    status: JobStatus
+    fine_tuned_model: str | None  # "<tenant>/<name>@<version>", usable as `model` once succeeded
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict[str, Any]
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    estimated_finish: int | None
+    method: dict[str, Any]
+    organization_id: str  # the tenant
+    result_files: list[str] = []
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+    user_provided_suffix: str | None = None
+
+
+class FineTuningJobsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobPublic]
+    has_more: bool
+
+
+class JobEventPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None  # metrics: step, total_steps, train_loss, learning_rate, progress
+
+
+class JobEventsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEventPublic]
+    has_more: bool
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class CheckpointsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointPublic]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

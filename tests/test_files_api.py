@@ -1,0 +1,114 @@
+"""/v1/files through real HTTP: validated uploads, line-numbered errors, limits, tenant isolation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loraplex.api.app import create_app
+from loraplex.config import Settings
+from loraplex.engine_factory import build_engine
+
+KEYS = {"acme": "key-acme", "globex": "key-globex", "admin": "key-admin"}
+GOOD = b'{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion": " d"}\n'
+MAX_FILE_BYTES = 50_000
+
+
+def auth(who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[who]}"}
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory) -> Settings:
+    return Settings(
+        model="demo", data_dir=tmp_path_factory.mktemp("files-data"), device="cpu", dtype="float32",
+        max_model_len=256, max_batch_size=4, max_loras=2, max_lora_rank=8, start_local_worker=False,
+        max_file_bytes=MAX_FILE_BYTES, max_file_lines=100,
+        api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
+    )
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    engine = build_engine(settings)
+    engine.start()
+    with TestClient(create_app(settings, engine)) as client:
+        yield client
+    engine.shutdown()
+
+
+def upload(client, who: str, data: bytes, purpose: str = "fine-tune", name: str = "train.jsonl", **form):
+    return client.post("/v1/files", headers=auth(who), data={"purpose": purpose, **form}, files={"file": (name, data)})
+
+
+def test_upload_list_get_content_delete(client, settings):
+    response = upload(client, "acme", GOOD, name="../../etc/my data.jsonl")
+    assert response.status_code == 200, response.text
+    record = response.json()
+    assert record["id"].startswith("file-") and record["object"] == "file" and record["purpose"] == "fine-tune"
+    assert record["bytes"] == len(GOOD) and record["filename"] == "my data.jsonl" and record["status"] == "processed"
+    assert (Path(settings.data_dir) / ".files" / "acme" / f"{record['id']}.jsonl").read_bytes() == GOOD
+    file_id = record["id"]
+    assert file_id in [f["id"] for f in client.get("/v1/files", headers=auth("acme")).json()["data"]]
+    assert client.get(f"/v1/files/{file_id}", headers=auth("acme")).json() == record
+    assert client.get(f"/v1/files/{file_id}/content", headers=auth("acme")).content == GOOD
+    deleted = client.delete(f"/v1/files/{file_id}", headers=auth("acme"))
+    assert deleted.status_code == 200 and deleted.json() == {"id": file_id, "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{file_id}", headers=auth("acme")).status_code == 404
+
+
+def test_bad_jsonl_is_400_listing_line_numbers(client):
+    bad = GOOD + b'{"prompt": "x"}\nnot json\n{"messages": []}\n'
+    response = upload(client, "acme", bad)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "file" and error["code"] == "invalid_file_format"
+    for line in ("line 3", "line 4", "line 5"):
+        assert line in error["message"]
+    assert upload(client, "acme", b"").status_code == 400  # no examples
+    mixed = GOOD + json.dumps({"messages": [{"role": "assistant", "content": "x"}]}).encode()
+    assert "line 3" in upload(client, "acme", mixed).json()["error"]["message"]
+
+
+def test_wrong_purpose_too_big_and_too_many_lines(client):
+    wrong = upload(client, "acme", GOOD, purpose="assistants")
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "purpose"
+    line = b'{"prompt": "p", "completion": " ' + b"x" * 200 + b'"}\n'
+    too_big = upload(client, "acme", line * (MAX_FILE_BYTES // len(line) + 1))
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    too_many = upload(client, "acme", b'{"prompt": "p", "completion": " c"}\n' * 101)
+    assert too_many.status_code == 400 and "line 101" in too_many.json()["error"]["message"]
+
+
+def test_other_tenants_files_read_like_missing_ones(client):
+    file_id = upload(client, "acme", GOOD).json()["id"]
+    missing = "file-000000000000000000000000"
+    for probe in (file_id, missing):
+        for method, path in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
+            response = client.request(method, f"/v1/files/{probe}{path}", headers=auth("globex"))
+            assert response.status_code == 404, (probe, method, path)
+            assert response.json()["error"]["message"] == f"No such File object: {probe}"
+    for weird in ("..%2F..%2Fetc%2Fpasswd", "file-ABC", "file-" + "0" * 23 + "%00"):
+        assert client.get(f"/v1/files/{weird}", headers=auth("acme")).status_code == 404
+    assert file_id not in [f["id"] for f in client.get("/v1/files", headers=auth("globex")).json()["data"]]
+    assert file_id in [f["id"] for f in client.get("/v1/files", headers=auth("admin")).json()["data"]]
+    assert client.get(f"/v1/files/{file_id}", headers=auth("acme")).status_code == 200  # still there
+    assert client.get("/v1/files").status_code == 401
+
+
+def test_uploads_are_for_the_callers_own_tenant(client):
+    assert upload(client, "acme", GOOD, tenant="globex").status_code == 403
+    assert upload(client, "admin", GOOD).json()["error"]["param"] == "tenant"
+    by_admin = upload(client, "admin", GOOD, tenant="globex").json()["id"]
+    assert client.get(f"/v1/files/{by_admin}", headers=auth("globex")).status_code == 200
+
+
+def test_listing_paginates_newest_first(client):
+    ids = [upload(client, "globex", GOOD).json()["id"] for _ in range(3)]
+    page = client.get("/v1/files", headers=auth("globex"), params={"limit": 2}).json()
+    assert page["has_more"] and [f["id"] for f in page["data"]] == ids[::-1][:2]
+    rest = client.get("/v1/files", headers=auth("globex"), params={"after": page["data"][-1]["id"], "limit": 1}).json()
+    assert [f["id"] for f in rest["data"]] == [ids[0]]
+    assert client.get("/v1/files", headers=auth("globex"), params={"after": "file-x"}).status_code == 400
