@@ -203,3 +203,13 @@ def test_admin_sets_merge_mode_and_tokens_stay_the_same(tenant_client, tenant_en
     back = c.post("/v1/adapters/acme/fast/mode", headers=auth("admin"), json={"mode": "unmerged"}).json()
     assert back["merge_mode"] == "unmerged" and back["residency"] == "device"
     assert merged == unmerged and base_while_merged == complete(c, "acme", "demo").json()["choices"][0]["text"]
+
+
+def test_training_file_larger_than_the_request_limit_is_accepted(tenant_client, tenant_settings):
+    line = b'{"prompt": "Review: the soup was dry.\\nSentiment:", "completion": " negative"}\n'
+    data = line * (tenant_settings.max_request_bytes // len(line) + 1000)  # over the 4 MB JSON limit
+    assert tenant_settings.max_request_bytes < len(data) < tenant_settings.max_file_bytes
+    response = tenant_client.post("/v1/files", headers=auth("acme"), data={"purpose": "fine-tune"},
+                                  files={"file": ("big.jsonl", data)})
+    assert response.status_code == 200, response.text
+    assert response.json()["bytes"] == len(data)

@@ -31,6 +31,8 @@ from loraplex.training.jobs import build_job_store, has_pending_jobs, reap_stale
 
 log = logging.getLogger(__name__)
 
+MULTIPART_SLACK = 1 << 20  # multipart framing and form fields around an upload
+
 
 def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI:
     app = FastAPI(title="loraplex", version=__version__, lifespan=_lifespan(engine))
@@ -48,7 +50,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.drain = DrainState()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes,
-                       max_upload_bytes=settings.max_adapter_bytes + (1 << 20))  # + multipart framing
+                       max_bytes_by_path={"/v1/adapters": settings.max_adapter_bytes + MULTIPART_SLACK,
+                                          "/v1/files": settings.max_file_bytes + MULTIPART_SLACK})
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, drain=app.state.drain)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id, 413s included
     for router in ROUTERS:

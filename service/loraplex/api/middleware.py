@@ -50,15 +50,15 @@ class RequestIdMiddleware:
 class BodySizeLimitMiddleware:
     """413 for bodies over the limit: at once when Content-Length says so, else while reading."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, max_bytes_by_path: dict[str, int]):
         self.app = app
         self.max_bytes = max_bytes
-        self.max_upload_bytes = max_upload_bytes  # POST /v1/adapters carries adapter files
+        self.max_bytes_by_path = max_bytes_by_path  # upload routes (adapters, files) take more
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        max_bytes = self.max_upload_bytes if scope["path"] == "/v1/adapters" else self.max_bytes
+        max_bytes = self.max_bytes_by_path.get(scope["path"], self.max_bytes)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             message = f"Request body is larger than {max_bytes} bytes."
