@@ -1,6 +1,7 @@
 """Drive LLMEngine synchronously, and compute HF/PEFT greedy references."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -27,18 +28,27 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def run_to_completion(engine: LLMEngine, requests: dict[str, tuple], max_steps: int = 10_000) -> dict[str, list[int]]:
+def step_until_idle(engine: LLMEngine, timeout_s: float = 120.0):
+    """Step until no request is unfinished; yields (request_id, output) pairs. Adapters load on another
+    thread, so a step may have nothing to run: then wait a moment instead of spinning."""
+    deadline = time.monotonic() + timeout_s
+    while engine.unfinished_request_ids():
+        assert time.monotonic() < deadline, "engine did not finish"
+        results = engine.step()
+        yield from results
+        if not results and not engine.scheduler.num_running:
+            time.sleep(0.001)
+
+
+def run_to_completion(engine: LLMEngine, requests: dict[str, tuple]) -> dict[str, list[int]]:
     """requests: id -> (prompt_ids, params, lora). Returns id -> generated token ids."""
     for request_id, (prompt_ids, params, adapter) in requests.items():
         engine.add_request(request_id, prompt_ids, params, adapter)
     tokens: dict[str, list[int]] = {request_id: [] for request_id in requests}
-    for _ in range(max_steps):
-        for request_id, output in engine.step():
-            assert not isinstance(output, Exception), output
-            tokens[request_id] += output.new_token_ids
-        if not engine.unfinished_request_ids():
-            return tokens
-    raise AssertionError("engine did not finish")
+    for request_id, output in step_until_idle(engine):
+        assert not isinstance(output, Exception), output
+        tokens[request_id] += output.new_token_ids
+    return tokens
 
 
 def peft_reference(model_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

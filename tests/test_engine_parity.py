@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import has_cuda
-from tests.engine_helpers import build_llm_engine, greedy, lora, peft_reference, run_to_completion
+from tests.engine_helpers import build_llm_engine, greedy, lora, peft_reference, run_to_completion, step_until_idle
 
 NUM_NEW = 10
 ADAPTERS = {
@@ -77,13 +77,15 @@ def test_batch_composition_does_not_change_tokens(demo_model_dir, adapter_dirs, 
     adapter = "acme/qv-r8"
     engine.add_request("early", prompts[3], greedy(NUM_NEW), lora(adapter_dirs[adapter]))
     tokens = {"early": [], "late": []}
-    for step in range(100):
-        if step == 3:
-            engine.add_request("late", prompts[1], greedy(NUM_NEW), None)
+    while engine.scheduler.num_running == 0:  # wait for the adapter load
+        engine.step()
+    for _ in range(3):
         for request_id, output in engine.step():
             tokens[request_id] += output.new_token_ids
-        if step > 3 and not engine.unfinished_request_ids():
-            break
+    assert 0 < len(tokens["early"]) < NUM_NEW  # "late" really joins mid-generation
+    engine.add_request("late", prompts[1], greedy(NUM_NEW), None)
+    for request_id, output in step_until_idle(engine):
+        tokens[request_id] += output.new_token_ids
     assert tokens["early"] == references[adapter][3]
     assert tokens["late"] == references[None][1]
 

@@ -8,7 +8,7 @@ import pytest
 
 from loraplex.engine.errors import AdapterError, InvalidRequestError, PromptTooLongError
 from loraplex.engine.types import FinishReason, LoraRequest, SamplingParams
-from tests.engine_helpers import build_llm_engine, greedy, lora
+from tests.engine_helpers import build_llm_engine, greedy, lora, step_until_idle
 
 
 @pytest.fixture
@@ -16,15 +16,12 @@ def engine(demo_model_dir):
     return build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=8, max_model_len=256, max_batch_size=4)
 
 
-def _collect(engine, steps=10_000):
+def _collect(engine):
     done, outputs = {}, []
-    for _ in range(steps):
-        for request_id, out in engine.step():
-            outputs.append((request_id, out))
-            if isinstance(out, Exception) or out.is_finished:
-                done[request_id] = out
-        if not engine.unfinished_request_ids():
-            break
+    for request_id, out in step_until_idle(engine):
+        outputs.append((request_id, out))
+        if isinstance(out, Exception) or out.is_finished:
+            done[request_id] = out
     return done, outputs
 
 
