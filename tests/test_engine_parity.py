@@ -77,9 +77,7 @@ def test_batch_composition_does_not_change_tokens(demo_model_dir, adapter_dirs, 
     adapter = "acme/qv-r8"
     engine.add_request("early", prompts[3], greedy(NUM_NEW), lora(adapter_dirs[adapter]))
     tokens = {"early": [], "late": []}
-    while engine.scheduler.num_running == 0:  # wait for the adapter load
-        engine.step()
-    for _ in range(3):
+    while len(tokens["early"]) < 3:  # the adapter loads, then "early" prefills and decodes
         for request_id, output in engine.step():
             tokens[request_id] += output.new_token_ids
     assert 0 < len(tokens["early"]) < NUM_NEW  # "late" really joins mid-generation
