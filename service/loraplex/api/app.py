@@ -99,13 +99,16 @@ async def _merge_at_start(settings: Settings, engine: AsyncEngine, registry) -> 
 
 
 def _on_registry_change(engine: AsyncEngine, registry, event) -> None:
-    """A delete on any replica: free this replica's idle cached versions (running requests keep theirs).
-    Nothing else needs invalidating for correctness: lookups read the index and every engine cache is
-    keyed by version + content hash, so a stale entry can only waste a slot until LRU reuses it."""
-    if event.get("op") == "delete" and event.get("tenant") and event.get("name"):
-        adapter_id = f"{event['tenant']}/{event['name']}"
-        registry.forget(event["tenant"], event["name"])
-        engine.submit(lambda e: e.evict_versions_of(adapter_id))
+    """Any change on any replica drops this replica's cached resolution of that id (so new requests
+    get the new version); a delete also frees idle cached versions (running requests keep theirs).
+    Engine caches are keyed by version + content hash, so they never serve the wrong weights."""
+    if event.get("op") == "resync":
+        registry.forget_all()
+    elif event.get("tenant") and event.get("name"):
+        registry.forget(event["tenant"], event["name"])  # a new version or a delete: re-resolve
+        if event.get("op") == "delete":
+            adapter_id = f"{event['tenant']}/{event['name']}"
+            engine.submit(lambda e: e.evict_versions_of(adapter_id))
 
 
 async def _start_fine_tuning(app: FastAPI) -> asyncio.Task:

@@ -50,13 +50,48 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # x: [T, d_in] -> y: [T, d_out]
+        self.add_lora_terms(y, x, lora)
+        return y
+
+    def add_lora_terms(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> None:
+        """In place on y (possibly a column slice of a fused output)."""
         if self.lora_a is None:
-            return y
+            return
         if not self.active_slots.isdisjoint(lora.used_slots):
             add_lora(y, x, self.lora_a, self.lora_bt, lora)
         if lora.compensation is not None and not self.active_slots.isdisjoint(lora.compensation.used_slots):
             add_lora(y, x, self.lora_a, self.lora_bt, lora.compensation)
-        return y
+
+
+class FusedProjection(nn.Module):
+    """Projections that read the same input (q/k/v, gate/up) as one wider GEMM: decode batches are
+    skinny, and one [T, d] x [d, sum d_out] matmul runs faster than several. Each member keeps its
+    own LoraLinear, whose weight is now a view into the fused weight (merging writes through it)."""
+
+    def __init__(self, members: list[LoraLinear]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in members]), requires_grad=False)
+        has_bias = [m.bias is not None for m in members]
+        assert all(has_bias) or not any(has_bias), "fused projections need all or no biases"
+        self.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]), requires_grad=False) if all(has_bias) else None
+        self.slices, start = [], 0
+        for m in members:
+            end = start + m.out_features
+            m.weight = nn.Parameter(self.weight.data[start:end], requires_grad=False)  # a view, no copy
+            if self.bias is not None:
+                m.bias = nn.Parameter(self.bias.data[start:end], requires_grad=False)
+            self.slices.append((start, end))
+            start = end
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch) -> list[torch.Tensor]:
+        y = F.linear(x, self.weight, self.bias)  # [T, sum d_out]
+        parts = []
+        for member, (start, end) in zip(self.members, self.slices):
+            part = y[:, start:end]  # a view: LoRA terms land in y
+            member.add_lora_terms(part, x, lora)
+            parts.append(part)
+        return parts
 
 
 class RMSNorm(nn.Module):
@@ -84,12 +119,14 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         for name in ATTN_MODULES:
             setattr(self, name, LoraLinear(getattr(hf_attn, name)))
+        self.qkv = FusedProjection([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x, cos, sin, cache_k, cache_v, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x, batch.lora).view(t, self.num_heads, self.head_dim)  # [T, H, hd]
-        k = self.k_proj(x, batch.lora).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, hd]
-        v = self.v_proj(x, batch.lora).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x, batch.lora)
+        q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, hd]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, hd]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin  # cos/sin: [T, 1, hd]
         k = k * cos + _rotate_half(k) * sin
         out = attend(q, k, v, cache_k, cache_v, batch.attention)  # [T, H*hd]
@@ -101,10 +138,12 @@ class MLP(nn.Module):
         super().__init__()
         for name in MLP_MODULES:
             setattr(self, name, LoraLinear(getattr(hf_mlp, name)))
+        self.gate_up = FusedProjection([self.gate_proj, self.up_proj])
         self.act = {"silu": F.silu, "gelu": F.gelu}[act]
 
     def forward(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+        gate, up = self.gate_up(x, lora)
+        return self.down_proj(self.act(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):

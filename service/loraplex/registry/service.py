@@ -6,6 +6,7 @@ list, upload, delete what) and hides the store and the validation pipeline behin
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 MAX_LAST_KNOWN = 4096
+FRESH_FOR_S = 2.0  # a resolved id is reused this long; the change feed drops it sooner on put/delete
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
@@ -36,6 +38,7 @@ class AdapterRegistry:
         self.store, self.module_shapes, self.limits = store, dict(module_shapes), limits
         # Inference lookups that succeeded, so adapters keep serving while a shared index (Redis) is down.
         self._last_known: OrderedDict[str, AdapterVersion] = OrderedDict()
+        self._resolved_at: dict[str, float] = {}  # when each _last_known entry was read from the index
 
     # --- reads ----------------------------------------------------------------------------
     def resolve(self, principal: Principal, adapter_id: str) -> AdapterVersion:
@@ -43,6 +46,15 @@ class AdapterRegistry:
         record = self.store.get_by_id(adapter_id)  # AdapterNotFound for a malformed id too
         require_use(principal, record, adapter_id)
         return record
+
+    def cached_lora_request(self, principal: Principal, adapter_id: str) -> LoraRequest | None:
+        """The hot path: an id resolved less than FRESH_FOR_S ago (and not changed since), else None.
+        Cheap enough for the event loop, so a burst of requests reaches the engine together."""
+        record = self._last_known.get(adapter_id)
+        if record is None or time.monotonic() - self._resolved_at.get(adapter_id, 0.0) > FRESH_FOR_S:
+            return None
+        require_use(principal, record, adapter_id)
+        return record.lora_request()
 
     def lora_request(self, principal: Principal, adapter_id: str) -> LoraRequest:
         """For inference: falls back to the last version seen for this id while the index is unavailable."""
@@ -63,12 +75,19 @@ class AdapterRegistry:
         prefix = f"{tenant}/{name}"
         for key in [k for k in self._last_known if k == prefix or k.startswith(prefix + "@")]:
             self._last_known.pop(key, None)
+            self._resolved_at.pop(key, None)
+
+    def forget_all(self) -> None:
+        """After a resync (messages may have been missed): nothing cached is trusted any more."""
+        self._resolved_at.clear()
 
     def _remember(self, adapter_id: str, record: AdapterVersion) -> None:
         self._last_known[adapter_id] = record
+        self._resolved_at[adapter_id] = time.monotonic()
         self._last_known.move_to_end(adapter_id)
         while len(self._last_known) > MAX_LAST_KNOWN:
-            self._last_known.popitem(last=False)
+            old, _ = self._last_known.popitem(last=False)
+            self._resolved_at.pop(old, None)
 
     def list(self, principal: Principal, after: str | None = None, limit: int = 50) -> list[AdapterVersion]:
         tenant = None if principal.is_admin else principal.tenant  # the admin (and dev mode) sees all

@@ -35,6 +35,9 @@ async def resolve_model(ctx: GenerationContext, model: str) -> LoraRequest | Non
     """None for the base model, else the adapter's content-keyed LoraRequest (registry errors propagate)."""
     if model == ctx.engine.model_name:
         return None
+    cached = ctx.registry.cached_lora_request(ctx.principal, model)
+    if cached is not None:
+        return cached
     return await asyncio.to_thread(ctx.registry.lora_request, ctx.principal, model)  # reads the index
 
 
