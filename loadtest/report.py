@@ -60,7 +60,7 @@ def _print_engine_sections(merge: dict | None, cold: dict | None) -> None:
         print(f"\nmerged serving ({merge['notes']}):")
         print(f"  per-token latency ms: base {t['base'] * 1e3:.2f}, unmerged {t['unmerged'] * 1e3:.2f}, merged {t['merged'] * 1e3:.2f}")
         for name, mix in merge["mixes"].items():
-            print(f"  {name}: unmerged {mix['unmerged']:.1f} tok/s, auto {mix['auto']:.1f} tok/s")
+            print(f"  {name}: unmerged {mix['unmerged']:.1f} tok/s, auto {mix['auto']:.1f} tok/s ({mix['switches']} merge switches)")
         for name, r in merge["ratios"].items():
             target = "-" if r["target"] is None else f"{r['target']:.2f}"
             print(f"  {name:<28}{r['value']:>7.3f}{target:>7}  {({True: 'PASS', False: 'FAIL', None: 'info'})[r['passed']]}")

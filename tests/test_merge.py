@@ -139,3 +139,24 @@ def test_explicit_modes_override_auto():
     assert policy.desired(None) == "b"
     policy.modes["b"] = "unmerged"
     assert policy.desired("b") is None
+
+
+def test_auto_mode_merges_the_adapter_that_dominates_real_traffic(demo_model_dir, setup):
+    dirs, prompts, refs = setup
+    engine = _engine(demo_model_dir)
+    engine.merge_policy = MergePolicy(window_steps=8, min_dwell_steps=4, default_mode="auto")
+    hot, cold = "acme/merge-a", "acme/merge-b"
+    requests = {f"{hot}|{i % 3}#{i}": (prompts[i % 3], greedy(NUM_NEW), lora(dirs[hot])) for i in range(9)}
+    requests[f"{cold}|0#x"] = (prompts[0], greedy(NUM_NEW), lora(dirs[cold]))
+    merged_seen = set()
+    for request_id, (prompt, params, adapter) in requests.items():
+        engine.add_request(request_id, prompt, params, adapter)
+    tokens = {request_id: [] for request_id in requests}
+    while engine.unfinished_request_ids():
+        for request_id, output in engine.step():
+            tokens[request_id] += output.new_token_ids
+        merged_seen.add(engine.merged_key)
+        time.sleep(0.001)
+    assert lora(dirs[hot]).key in merged_seen  # 90% of the tokens: merged
+    assert lora(dirs[cold]).key not in merged_seen
+    _check({key.split("#")[0]: t for key, t in tokens.items()}, refs)

@@ -105,8 +105,7 @@ class LLMEngine:
         tokens, logprobs = self.runner.run(batch)
         self.scheduler.charge(batch.decode_seqs, [1] * len(batch.decode_seqs))
         self.scheduler.charge(batch.prefill_seqs, [len(s.prompt_ids) for s in batch.prefill_seqs])
-        self.merge_policy.observe(Counter({s.lora_key: 1 for s in batch.decode_seqs}) + Counter(
-            {s.lora_key: len(s.prompt_ids) for s in batch.prefill_seqs}))
+        self.merge_policy.observe(_tokens_by_adapter(batch))
         return results + self._postprocess(batch, tokens, logprobs)
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[StepResult]:
@@ -297,6 +296,16 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _tokens_by_adapter(batch: ScheduledBatch) -> Counter:
+    """Tokens computed this step per adapter key (None = base): one per decode, the prompt per prefill."""
+    usage: Counter = Counter()
+    for seq in batch.decode_seqs:
+        usage[seq.lora_key] += 1
+    for seq in batch.prefill_seqs:
+        usage[seq.lora_key] += len(seq.prompt_ids)
+    return usage
 
 
 def _eos_ids(tokenizer, model) -> set[int]:
