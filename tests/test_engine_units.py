@@ -17,7 +17,7 @@ def _reference_lora(x, a, b, slots):
 
 
 @pytest.mark.parametrize("dense_limit", [0, 10_000])  # 0 forces the gather kernel
-@pytest.mark.parametrize("decode_slots", [[3, 0, 1, 3], [2, 2, 4, 1], [0, 0]])
+@pytest.mark.parametrize("decode_slots", [[3, 0, 1, 3], [2, 2, 4, 1], [0, 0], [0, 0, 0, 4]])
 def test_decode_and_segment_kernels_match_per_token_reference(monkeypatch, dense_limit, decode_slots):
     monkeypatch.setattr("loraplex.engine.lora_ops.DENSE_MAX_POOL_COLUMNS", dense_limit)
     torch.manual_seed(0)
@@ -29,7 +29,8 @@ def test_decode_and_segment_kernels_match_per_token_reference(monkeypatch, dense
     slots = decode_slots + [s for n, s in prefill_runs for _ in range(n)]
     x = torch.randn(len(slots), d_in)
     batch = build_lora_batch(decode_slots, prefill_runs, torch.device("cpu"), num_slots, r)
-    assert (batch.decode_onehot is not None) == (dense_limit > 0 and any(decode_slots))
+    num_adapted = sum(1 for s in decode_slots if s)
+    assert (batch.decode_onehot is not None) == (dense_limit > 0 and 2 * num_adapted >= len(decode_slots) > 0 < num_adapted)
     y = torch.zeros(len(slots), d_out)
     add_lora(y, x, a, b.transpose(1, 2).contiguous(), batch)
     torch.testing.assert_close(y, _reference_lora(x, a, b, slots))

@@ -5,10 +5,12 @@ The base matmul runs once for every token; this module adds the low-rank term
 model), so tokens without an adapter need no masking. Three kernels, all plain torch ops that
 run on CPU and CUDA:
 
-- dense (decode, small pools): one GEMM against every slot's A stacked ([S*r, d_in]), zero all but
-  each token's own slot block, one GEMM against every slot's B^T stacked ([S*r, d_out]). Two
-  dense matmuls beat gathering per-token weight copies while S*r stays small.
-- gather (BGMV-style, decode with big pools): gather each token's A/B, two batched matvecs.
+- dense (decode, small pools, most tokens adapted): one GEMM against every slot's A stacked
+  ([S*r, d_in]), zero all but each token's own slot block, one GEMM against every slot's B^T stacked
+  ([S*r, d_out]). Two dense matmuls beat gathering per-token weight copies while S*r stays small, but
+  they cost the same for every decode token, adapted or not.
+- gather (BGMV-style): only the adapted decode tokens, each with its own A/B; used for big pools and
+  when few tokens need LoRA (e.g. the others while an adapter is merged).
 - segments (SGMV-style, prefill): each contiguous run of tokens sharing an adapter does two matmuls.
 
 The scaling alpha/r (or alpha/sqrt(r) for rsLoRA) is folded into B at load time.
@@ -60,7 +62,7 @@ def build_lora_batch(
     num_decode = len(decode_slots)
     onehot = gather = index = None
     with_adapter = [i for i, s in enumerate(decode_slots) if s]
-    if with_adapter and num_slots * max_rank <= DENSE_MAX_POOL_COLUMNS:
+    if with_adapter and num_slots * max_rank <= DENSE_MAX_POOL_COLUMNS and 2 * len(with_adapter) >= num_decode:
         onehot = torch.zeros(num_decode, num_slots, 1)
         onehot[torch.arange(num_decode), torch.tensor(decode_slots)] = 1.0
         onehot = onehot.to(device, non_blocking=True)
