@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from loraplex.fsutil import staging_dir
 log = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -86,7 +87,7 @@ def ensure_demo_model(data_dir: Path, seed: int = 0, **overrides: Any) -> Path:
             raise FileExistsError(f"{out_dir} was not built by ensure_demo_model; refusing to replace it")
         _remove_leftovers(out_dir)
         log.info("building demo model at %s (seed=%d)", out_dir, seed)
-        with _staging_dir(out_dir) as tmp:
+        with staging_dir(out_dir) as tmp:
             _build_model_dir(tmp, seed, spec["config"])
             _write_json(tmp / SPEC_FILE, spec)
             _swap_into_place(tmp, out_dir)
@@ -131,7 +132,7 @@ def make_demo_adapter(
         peft_model = get_peft_model(base, lora_config)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _staging_dir(out_dir) as tmp:
+    with staging_dir(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card template: noise in an adapter store
         _swap_into_place(tmp, out_dir)
@@ -230,15 +231,6 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
-
-@contextmanager
-def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temp dir beside `out_dir` (same filesystem, so the final rename is atomic); removed on failure."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -12,15 +12,14 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from loraplex.fsutil import staging_dir
 from loraplex.training.datasets import IGNORE_INDEX, DatasetError, ParsedDataset, TokenizedDataset, tokenize_dataset
 from loraplex.training.hyperparams import MAX_LORA_R, Hyperparameters, ResolvedHyperparameters, learning_rate_at
 
@@ -276,7 +275,7 @@ def _checkpoint_dir(out_dir: Path, epoch: int) -> Path:
 def _save_adapter(model, out_dir: Path, replace: bool = False) -> Path:
     """Write adapter_config.json + adapter_model.safetensors to a staging dir, then rename it to `out_dir`."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _staging_dir(out_dir) as tmp:
+    with staging_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / PEFT_MODEL_CARD).unlink(missing_ok=True)
         _make_world_readable(tmp)
@@ -285,15 +284,6 @@ def _save_adapter(model, out_dir: Path, replace: bool = False) -> Path:
         os.rename(tmp, out_dir)  # atomic; fails if another writer got there first
     return out_dir
 
-
-@contextmanager
-def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temp dir beside `out_dir` (same filesystem, so the rename is atomic); removed if still there."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _make_world_readable(root: Path) -> None:
