@@ -6,6 +6,7 @@ list, upload, delete what) and hides the store and the validation pipeline behin
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -37,8 +38,10 @@ class AdapterRegistry:
     def __init__(self, store: VersionedAdapterStore, module_shapes: Mapping[tuple[int, str], tuple[int, int]], limits: UploadLimits):
         self.store, self.module_shapes, self.limits = store, dict(module_shapes), limits
         # Inference lookups that succeeded, so adapters keep serving while a shared index (Redis) is down.
-        self._last_known: OrderedDict[str, AdapterVersion] = OrderedDict()
-        self._resolved_at: dict[str, float] = {}  # when each _last_known entry was read from the index
+        # id -> (record, when it was read from the index); resolver threads, the change-feed thread and
+        # the event loop all touch it, hence the lock.
+        self._last_known: OrderedDict[str, tuple[AdapterVersion, float]] = OrderedDict()
+        self._last_known_lock = threading.Lock()
 
     # --- reads ----------------------------------------------------------------------------
     def resolve(self, principal: Principal, adapter_id: str) -> AdapterVersion:
@@ -50,8 +53,9 @@ class AdapterRegistry:
     def cached_lora_request(self, principal: Principal, adapter_id: str) -> LoraRequest | None:
         """The hot path: an id resolved less than FRESH_FOR_S ago (and not changed since), else None.
         Cheap enough for the event loop, so a burst of requests reaches the engine together."""
-        record = self._last_known.get(adapter_id)
-        if record is None or time.monotonic() - self._resolved_at.get(adapter_id, 0.0) > FRESH_FOR_S:
+        with self._last_known_lock:
+            record, resolved_at = self._last_known.get(adapter_id, (None, 0.0))
+        if record is None or time.monotonic() - resolved_at > FRESH_FOR_S:
             return None
         require_use(principal, record, adapter_id)
         return record.lora_request()
@@ -61,7 +65,8 @@ class AdapterRegistry:
         try:
             record = self.store.get_by_id(adapter_id)
         except RegistryUnavailable:
-            record = self._last_known.get(adapter_id)
+            with self._last_known_lock:
+                record, _ = self._last_known.get(adapter_id, (None, 0.0))
             if record is None:
                 raise
             log.warning("registry unavailable: serving %s from the last known version", adapter_id)
@@ -73,21 +78,23 @@ class AdapterRegistry:
     def forget(self, tenant: str, name: str) -> None:
         """Drop last-known entries of a deleted adapter (all its version ids)."""
         prefix = f"{tenant}/{name}"
-        for key in [k for k in self._last_known if k == prefix or k.startswith(prefix + "@")]:
-            self._last_known.pop(key, None)
-            self._resolved_at.pop(key, None)
+        with self._last_known_lock:
+            for key in [k for k in self._last_known if k == prefix or k.startswith(prefix + "@")]:
+                del self._last_known[key]
 
     def forget_all(self) -> None:
-        """After a resync (messages may have been missed): nothing cached is trusted any more."""
-        self._resolved_at.clear()
+        """After a resync (messages may have been missed): nothing cached is fresh any more (the records
+        stay as the outage fallback)."""
+        with self._last_known_lock:
+            for key, (record, _) in list(self._last_known.items()):
+                self._last_known[key] = (record, 0.0)
 
     def _remember(self, adapter_id: str, record: AdapterVersion) -> None:
-        self._last_known[adapter_id] = record
-        self._resolved_at[adapter_id] = time.monotonic()
-        self._last_known.move_to_end(adapter_id)
-        while len(self._last_known) > MAX_LAST_KNOWN:
-            old, _ = self._last_known.popitem(last=False)
-            self._resolved_at.pop(old, None)
+        with self._last_known_lock:
+            self._last_known[adapter_id] = (record, time.monotonic())
+            self._last_known.move_to_end(adapter_id)
+            while len(self._last_known) > MAX_LAST_KNOWN:
+                self._last_known.popitem(last=False)
 
     def list(self, principal: Principal, after: str | None = None, limit: int = 50) -> list[AdapterVersion]:
         tenant = None if principal.is_admin else principal.tenant  # the admin (and dev mode) sees all
