@@ -114,3 +114,54 @@ def test_logs_are_json_with_request_ids(server):
     lines = [json.loads(l) for l in server.log_path.read_text().splitlines() if l.startswith("{")]
     access = [l for l in lines if l.get("logger") == "loraplex.access" and l.get("request_id") == "trace-abc-123"]
     assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/completions"
+
+
+JOB_STATUSES = ("queued", "validating_files", "running", "succeeded", "failed", "cancelled")
+
+
+def _jobs_by_status(text: str) -> dict[str, float]:
+    return {status: _metric(text, "loraplex_fine_tuning_jobs", f'status="{status}"') for status in JOB_STATUSES}
+
+
+def test_fine_tuning_jobs_gauge_follows_create_and_cancel(api_settings, api_engine, tmp_path):
+    """No worker here, so the job stays queued until cancelled: the gauge must show exactly that."""
+    from fastapi.testclient import TestClient
+
+    from loraplex.api import create_app
+
+    settings = api_settings.model_copy(update={"data_dir": tmp_path, "start_local_worker": False})
+    with TestClient(create_app(settings, api_engine)) as client:
+        assert _jobs_by_status(client.get("/metrics").text) == dict.fromkeys(JOB_STATUSES, 0)
+        examples = "\n".join(json.dumps({"prompt": f"Q{i}", "completion": " A"}) for i in range(4)).encode()
+        uploaded = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", examples)})
+        assert uploaded.status_code == 200, uploaded.text
+        created = client.post("/v1/fine_tuning/jobs", json={"model": "demo", "training_file": uploaded.json()["id"]})
+        assert created.status_code == 200, created.text
+        assert _jobs_by_status(client.get("/metrics").text) == {**dict.fromkeys(JOB_STATUSES, 0), "queued": 1}
+
+        cancelled = client.post(f"/v1/fine_tuning/jobs/{created.json()['id']}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert _jobs_by_status(client.get("/metrics").text) == {**dict.fromkeys(JOB_STATUSES, 0), "cancelled": 1}
+
+
+def test_fine_tuning_jobs_gauge_is_left_out_when_the_store_is_down():
+    """Redis refusing connections, or hanging: the scrape still answers, without the jobs gauge."""
+    from prometheus_client import generate_latest
+
+    from loraplex.api.metrics import ServiceMetrics
+    from loraplex.training.jobs import RedisJobStore
+    from tests.server_process import free_port
+
+    class HangingStore:
+        def list(self, tenant):
+            time.sleep(2)
+            return []
+
+    for store in (RedisJobStore(f"redis://127.0.0.1:{free_port()}"), HangingStore()):
+        metrics = ServiceMetrics()
+        metrics.watch_jobs(lambda: store)
+        metrics.http_requests.labels("/x", "GET", "200").inc()
+        start = time.monotonic()
+        text = generate_latest(metrics.registry).decode()
+        assert time.monotonic() - start < 1.5
+        assert "loraplex_http_requests_total" in text and "loraplex_fine_tuning_jobs" not in text

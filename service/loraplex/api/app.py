@@ -47,6 +47,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     if not app.state.api_keys and not settings.admin_key:
         log.warning("no API keys configured: single-tenant dev mode, every caller is the admin of tenant 'default'")
     app.state.metrics = ServiceMetrics()
+    app.state.metrics.watch_jobs(lambda: app.state.job_store)  # read at scrape time; None until the lifespan opens it
     app.state.drain = DrainState()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes,

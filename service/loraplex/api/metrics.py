@@ -3,16 +3,24 @@
 Names follow two conventions at once: `loraplex_*` for our dashboards, and the vLLM names the
 Gateway API Inference Extension endpoint picker reads (`vllm:num_requests_waiting`,
 `vllm:num_requests_running`, `vllm:gpu_cache_usage_perc`, `vllm:lora_requests_info`).
-Per-adapter labels appear only on the LoRA info gauge, bounded by max_loras.
+Per-adapter labels appear only on the LoRA info gauge, bounded by max_loras; the fine-tuning jobs gauge
+has one series per job status.
 """
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from loraplex.engine.types import RequestOutput
+from loraplex.training.jobs import ACTIVE, TERMINAL
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -54,6 +62,10 @@ class ServiceMetrics:
         engine.load_listeners.append(self.observe_adapter_load)
         self.registry.register(EngineStateCollector(engine, drain))
 
+    def watch_jobs(self, get_store: Callable[[], object | None]) -> None:
+        """`get_store()` returns the job store, or None while the app has not opened one yet."""
+        self.registry.register(JobStatusCollector(get_store))
+
 
 class EngineStateCollector:
     """Gauges read from the engine's last step statistics at scrape time (no hot-path cost)."""
@@ -90,6 +102,51 @@ class EngineStateCollector:
             counter.add_metric([], value)
             yield counter
         yield _lora_info(stats)
+
+
+class JobStatusCollector:
+    """`loraplex_fine_tuning_jobs{status}`: jobs in the store by status, every known status always present.
+
+    /metrics runs on the event loop, so the store is read on a helper thread and the scrape waits at most
+    `timeout_s`: a Redis that hangs or is down drops this gauge from the scrape, never the scrape itself.
+    """
+
+    STATUSES = (*ACTIVE, *TERMINAL)
+
+    def __init__(self, get_store: Callable[[], object | None], timeout_s: float = 0.5):
+        self.get_store, self.timeout_s = get_store, timeout_s
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-jobs")
+        self._pending = None  # a read still running from an earlier scrape: never pile up another
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        counts = self._count_by_status()
+        if counts is None:
+            return
+        gauge = GaugeMetricFamily("loraplex_fine_tuning_jobs", "Fine-tuning jobs by status", labels=["status"])
+        for status in self.STATUSES:
+            gauge.add_metric([status], counts.get(status, 0))
+        yield gauge
+
+    def _count_by_status(self) -> dict[str, int] | None:
+        store = self.get_store()
+        if store is None or (self._pending is not None and not self._pending.done()):
+            return None
+        self._pending = self._reader.submit(store.list, None)
+        try:
+            jobs = self._pending.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            log.warning("job store too slow for /metrics: loraplex_fine_tuning_jobs left out of this scrape")
+            return None
+        except Exception as exc:  # Redis down (JobStoreUnavailable) or a store closed at shutdown
+            log.warning("job store unavailable for /metrics: %s", exc)
+            return None
+        counts: dict[str, int] = {}
+        for job in jobs:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        return counts
 
 
 def _gauges(values: dict[str, tuple[str, float]]):
