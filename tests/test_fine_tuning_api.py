@@ -127,21 +127,9 @@ def test_finished_job_serves_its_adapter_without_restart(client):
 
 
 def test_jobs_watch_shows_progress_until_the_end(client, monkeypatch):
-    job = client.get("/v1/fine_tuning/jobs", headers=auth("acme"), params={"limit": 1}).json()["data"][0]
-    class Borrowed:  # the test app's client, without running its lifespan a second time
-        def __init__(self, headers, **_):
-            self.headers = headers
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        def get(self, url, params=None):
-            return client.get(url, params=params, headers=self.headers)
-
-    monkeypatch.setattr(httpx, "Client", Borrowed)
+    zebra = [j for j in client.get("/v1/fine_tuning/jobs", headers=auth("acme")).json()["data"] if j["user_provided_suffix"] == "zebra"]
+    job = zebra[0]
+    monkeypatch.setattr(httpx, "Client", borrowed_client(client))
     out = io.StringIO()
     assert cli.watch_job("http://testserver", KEYS["acme"], job["id"], poll_s=0.05, out=out) == 0
     assert "16/16" in out.getvalue() and "loss" in out.getvalue() and "succeeded: acme/zebra@1" in out.getvalue()
@@ -163,9 +151,73 @@ def test_cancel_stops_a_running_job_and_publishes_nothing(client):
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=auth("acme")).json()["status"] == "cancelled"
 
 
+KEYWORD_HP = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 10, "target_modules": "mlp"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_keyword_job_beats_the_base_is_promoted_and_reports(client, monkeypatch, tmp_path):
+    train = upload(client, "acme", LONG)
+    valid = upload(client, "acme", (REPO_ROOT / "adapters/examples/keywords_valid.jsonl").read_bytes(), "valid.jsonl")
+    job = create_job(client, "acme", train, KEYWORD_HP, suffix="keywords", validation_file=valid).json()
+    done = wait_for(client, "acme", job["id"], ("succeeded", "failed", "cancelled"), timeout_s=120)
+    assert done["status"] == "succeeded", done
+    evaluation = done["evaluation"]
+    assert evaluation["promoted"] and evaluation["gain"] > 1.0 and evaluation["validation_source"] == "file"
+    assert evaluation["num_valid_examples"] == 60 and evaluation["reference_perplexity_adapter"] > 0
+    latest = client.get("/v1/adapters/acme/keywords", headers=auth("acme")).json()
+    assert f"acme/keywords@{latest['version']}" == done["fine_tuned_model"]  # the bare name serves it
+
+    report = client.get(f"/v1/fine_tuning/jobs/{job['id']}/report", headers=auth("acme")).json()
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=auth("acme"), params={"limit": 1000}).json()
+    data = [event["data"] for event in reversed(events["data"]) if event["data"]]  # oldest first
+    steps = [{k: d[k] for k in ("step", "epoch", "train_loss", "learning_rate")} for d in data if "learning_rate" in d]
+    epochs = [{k: d[k] for k in ("epoch", "step", "train_loss", "valid_loss", "valid_mean_token_accuracy")}
+              for d in data if "valid_loss" in d]
+    assert report["train_curve"] == steps and len(steps) == done["hyperparameters"]["n_epochs"] * 25
+    assert report["valid_curve"] == epochs and [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert report["evaluation"] == evaluation and report["fine_tuned_model"] == done["fine_tuned_model"]
+    best = min(epochs, key=lambda e: e["valid_loss"])
+    assert (evaluation["best_epoch"], round(evaluation["adapter_valid_loss"], 6)) == (best["epoch"], best["valid_loss"])
+    checkpoint = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=auth("acme")).json()["data"][0]
+    assert checkpoint["step_number"] == best["step"] and checkpoint["metrics"]["valid_loss"] == evaluation["adapter_valid_loss"]
+
+    png = client.get(f"/v1/fine_tuning/jobs/{job['id']}/report", headers=auth("acme"), params={"format": "png"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(PNG_SIGNATURE) and len(png.content) > 20_000
+    for who, route in (("globex", "/report"), ("acme", "/report?format=svg")):
+        refused = client.get(f"/v1/fine_tuning/jobs/{job['id']}{route}", headers=auth(who))
+        assert refused.status_code == (404 if who == "globex" else 400) and "error" in refused.json()
+
+    monkeypatch.setattr(httpx, "Client", borrowed_client(client))
+    out = io.StringIO()
+    assert cli.job_report("http://testserver", KEYS["acme"], job["id"], str(tmp_path / "r.png"), out=out) == 0
+    assert (tmp_path / "r.png").read_bytes() == png.content
+    if os.environ.get("LORAPLEX_KEEP_REPORT"):  # to look at it
+        Path(os.environ["LORAPLEX_KEEP_REPORT"]).write_bytes(png.content)
+    assert "promoted: the adapter beats the base model" in out.getvalue() and "epoch   3" in out.getvalue()
+    assert cli.job_report("http://testserver", KEYS["globex"], job["id"], None, out=io.StringIO()) == 2
+
+
+def borrowed_client(client):
+    class Borrowed:  # the test app's client, without running its lifespan a second time
+        def __init__(self, headers, **_):
+            self.headers = headers
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def get(self, url, params=None):
+            return client.get(url, params=params, headers=self.headers)
+
+    return Borrowed
+
+
 def test_tenants_see_only_their_jobs(client):
     job = create_job(client, "globex", upload(client, "globex", TINY), {"n_epochs": 1}).json()
-    for route in ("", "/events", "/checkpoints"):
+    for route in ("", "/events", "/checkpoints", "/report"):
         assert client.get(f"/v1/fine_tuning/jobs/{job['id']}{route}", headers=auth("acme")).status_code == 404
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=auth("acme")).status_code == 404
     missing = client.get("/v1/fine_tuning/jobs/ftjob-000000000000000000000000", headers=auth("acme"))
@@ -190,6 +242,11 @@ def queue_only(tmp_path_factory, engine):
     ({"lora_r": 64}, "lora_r"), ({"lora_dropout": 0.9}, "lora_dropout"), ({"target_modules": ["lm_head"]}, "target_modules"),
     ({"n_epochs": 50, "batch_size": 1}, "n_epochs"),  # 16 * 50 steps > max_train_steps
     ({"epochs": 3}, "method.supervised.hyperparameters.epochs"),
+    ({"top_k_layers": 5}, "top_k_layers"),  # the demo model has 4 layers
+    ({"layers_to_transform": [0, 4]}, "layers_to_transform"), ({"layers_to_transform": [1], "top_k_layers": 1}, "layers_to_transform"),
+    ({"layer_lr_decay": 0}, "layer_lr_decay"), ({"weight_decay": 2}, "weight_decay"), ({"use_rslora": "yes"}, "use_rslora"),
+    ({"early_stopping_patience": -1}, "early_stopping_patience"), ({"validation_split": 0.9}, "validation_split"),
+    ({"target_modules": "ffn"}, "target_modules"),
 ])
 def test_bad_hyperparameters_are_400_naming_the_param(queue_only, hyperparameters, param):
     response = create_job(queue_only, "acme", upload(queue_only, "acme", TINY), hyperparameters)

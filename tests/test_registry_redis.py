@@ -319,3 +319,11 @@ def test_local_feed_announces_a_local_index(tmp_path, uploads):
     feed.stop()
     feed.publish("pin", "acme", "sql", 2)
     assert events.queue.empty()
+
+
+def test_an_unpromoted_version_keeps_the_latest_pointer(replicas):
+    a, b = replicas
+    a.publish(record(name="guarded", version=1))
+    b.publish(record(name="guarded", version=2), promote=False)
+    assert a.get("acme", "guarded", None).version == 1 and a.get("acme", "guarded", 2) == record(name="guarded", version=2)
+    assert [r.versioned_id for r in b.latest_records("acme") if r.name == "guarded"] == ["acme/guarded@1"]

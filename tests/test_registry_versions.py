@@ -302,3 +302,22 @@ def test_upload_flow_archive_to_stored_version(store, make_adapter, module_shape
     validated = validate_adapter_files(files[CONFIG_FILE], files[WEIGHTS_FILE], module_shapes, max_rank=16, max_bytes=1 << 24)
     record = store.put("acme", "sql", files, validated, shared=True)
     assert store.get_by_id("acme/sql@1") == record and record.shared
+
+
+def test_an_unpromoted_version_is_served_only_by_its_number(store, upload, upload2):
+    """What the negative-transfer guard relies on: a version put with promote=False never moves the bare name."""
+    fresh = store.put("acme", "new", *upload2, promote=False)
+    assert fresh.version == 1 and store.get("acme", "new", 1).sha256 == fresh.sha256
+    with pytest.raises(AdapterNotFound):
+        store.get("acme", "new")  # nothing promoted yet: the bare name serves nothing
+    assert "acme/new" not in [r.id for r in store.list("acme")]
+
+    first = store.put("acme", "sql", *upload)
+    held_back = store.put("acme", "sql", *upload2, promote=False)
+    assert held_back.version == 2 and store.get("acme", "sql").version == 1
+    assert store.get("acme", "sql", 2).sha256 == held_back.sha256 != first.sha256
+    assert [r.versioned_id for r in store.list("acme")] == ["acme/sql@1"]
+    assert store.put("acme", "sql", *upload2).version == 3 and store.get("acme", "sql").version == 3
+    assert store.get("acme", "sql", 2).version == 2  # still addressable after a newer promotion
+    with pytest.raises(AdapterNotFound):
+        store.get("acme", "sql", 4)

@@ -11,6 +11,7 @@ import sys
 import time
 import types
 import typing
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -48,7 +49,51 @@ def worker(settings: Settings) -> int:
 
 
 def jobs(settings: Settings, args: argparse.Namespace) -> int:
-    return watch_job(args.url or f"http://{settings.host}:{settings.port}", args.api_key, args.job_id)
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    if args.action == "report":
+        return job_report(url, args.api_key, args.job_id, args.out)
+    return watch_job(url, args.api_key, args.job_id)
+
+
+def job_report(url: str, api_key: str | None, job_id: str, png_path: str | None, out=None) -> int:
+    """Print the job's evaluation (base vs adapter, forgetting, promotion) and per-epoch validation;
+    with `png_path`, also save the report PNG there. Exit status 2 when the API refuses."""
+    import httpx
+
+    out = out or sys.stdout
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        response = client.get(f"/v1/fine_tuning/jobs/{job_id}/report")
+        if response.status_code == 200 and png_path:
+            png = client.get(f"/v1/fine_tuning/jobs/{job_id}/report", params={"format": "png"})
+            response = png if png.status_code != 200 else response
+            if png.status_code == 200:
+                Path(png_path).write_bytes(png.content)
+    if response.status_code != 200:
+        print(f"loraplex: {response.status_code} {response.text}", file=sys.stderr)
+        return 2
+    out.write(report_text(response.json()))
+    if png_path:
+        out.write(f"plot written to {png_path}\n")
+    return 0
+
+
+def report_text(report: dict) -> str:
+    lines = [f"{report['fine_tuning_job_id']}  {report['status']}  {report.get('fine_tuned_model') or ''}"]
+    for point in report["valid_curve"]:
+        lines.append(f"  epoch {point['epoch']:>3}  step {point['step']:>6}  train {point['train_loss']:.4f}  "
+                     f"valid {point['valid_loss']:.4f}  accuracy {point['valid_mean_token_accuracy']:.3f}")
+    evaluation = report.get("evaluation")
+    if evaluation:
+        for label, base, adapter in (
+            ("validation loss", evaluation["base_valid_loss"], evaluation["adapter_valid_loss"]),
+            ("token accuracy", evaluation["base_valid_mean_token_accuracy"], evaluation["adapter_valid_mean_token_accuracy"]),
+            ("reference perplexity", evaluation["reference_perplexity_base"], evaluation["reference_perplexity_adapter"]),
+        ):
+            if base is not None and adapter is not None:
+                lines.append(f"  {label:<21} base {base:10.4f}   adapter {adapter:10.4f}")
+        lines.append(f"  {evaluation['reason']}")
+    return "\n".join(lines) + "\n"
 
 
 def watch_job(url: str, api_key: str | None, job_id: str, poll_s: float = 1.0, out=None) -> int:
@@ -87,16 +132,18 @@ def progress_line(job: dict, metrics: dict | None, width: int = 30) -> str:
 
 
 def _jobs_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["watch"], help="watch: live progress of one job until it ends")
+    parser.add_argument("action", choices=["watch", "report"],
+                        help="watch: live progress of one job until it ends; report: its evaluation and curves")
     parser.add_argument("job_id", help="ftjob-...")
     parser.add_argument("--url", default=None, help="Server URL (default: http://<host>:<port> from settings).")
     parser.add_argument("--api-key", dest="api_key", default=None, help="Bearer key (default: none, dev mode).")
+    parser.add_argument("--out", default=None, help="report: also save the PNG plot to this file.")
 
 
 COMMANDS: dict[str, Command] = {
     "serve": Command("Serve the OpenAI-compatible HTTP API.", serve),
     "worker": Command("Run a fine-tuning worker: claim queued jobs, train, publish adapters.", worker),
-    "jobs": Command("Fine-tuning jobs from the command line: `jobs watch <id>`.", jobs, _jobs_arguments),
+    "jobs": Command("Fine-tuning jobs from the command line: `jobs watch <id>`, `jobs report <id> [--out plot.png]`.", jobs, _jobs_arguments),
 }
 
 

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     max_file_lines: int = Field(100_000, ge=1, description="Most examples (non-blank lines) in one training file.")
     max_jobs_per_tenant: int = Field(2, ge=1, description="Fine-tuning jobs a tenant may have queued or running at once; more is 429.")
     max_train_steps: int = Field(20_000, ge=1, description="Most optimizer steps one fine-tuning job may run (epochs x batches).")
+    train_threads: int = Field(0, ge=0, le=1024, description="CPU threads a worker trains with; 0: half the cores (the embedded worker shares them with the server: oversubscribed threads make training many times slower).")
     worker_heartbeat_s: float = Field(2.0, gt=0, le=600, description="How often a worker records that its job is alive.")
     job_stale_after_s: float = Field(60.0, gt=0, description="A running job with no heartbeat for this long is marked failed (its worker died).")
 

@@ -24,6 +24,7 @@ class AsyncEngine:
         self.model_name = model_name
         self.max_model_len = engine.config.max_model_len
         self.max_lora_rank = engine.config.max_lora_rank
+        self.num_layers = engine.model.config.num_hidden_layers
         self.max_queue = engine.config.max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

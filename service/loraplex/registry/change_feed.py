@@ -193,9 +193,10 @@ class NotifyingIndex:
     def get(self, tenant: str, name: str, version: int | None) -> AdapterVersion | None:
         return self.index.get(tenant, name, version)
 
-    def publish(self, record: AdapterVersion) -> None:
-        self.index.publish(record)
-        self._announce("put", record.tenant, record.name, record)
+    def publish(self, record: AdapterVersion, promote: bool = True) -> None:
+        self.index.publish(record, promote)
+        if promote:  # an unpromoted version changes what no cached name resolves to
+            self._announce("put", record.tenant, record.name, record)
 
     def remove(self, tenant: str, name: str) -> None:
         try:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 1.0
 
-# KEYS: versions, latest, tenants. ARGV: tenant, name, version, record JSON, event JSON, channel.
+# KEYS: versions, latest, tenants. ARGV: tenant, name, version, record JSON, event JSON, channel, promote (1/0).
 _PUBLISH = """
 local current = redis.call('HGET', KEYS[2], ARGV[2])
 local current_version = 0
@@ -42,7 +42,7 @@ if current then
   if ok and type(record) == 'table' and tonumber(record['version']) then current_version = tonumber(record['version']) end
 end
 redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
-if tonumber(ARGV[3]) <= current_version then return 0 end
+if ARGV[7] ~= '1' or tonumber(ARGV[3]) <= current_version then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('PUBLISH', ARGV[6], ARGV[5])
@@ -116,13 +116,13 @@ class RedisAdapterIndex:
             raw = self._redis.hget(key, field)
         return None if raw is None else self._decode(raw, tenant, name, version, where=f"{key}[{field}]")
 
-    def publish(self, record: AdapterVersion) -> None:
+    def publish(self, record: AdapterVersion, promote: bool = True) -> None:
         keys = [self._versions_key(record.tenant, record.name), self._latest_key(record.tenant), self._tenants_key()]
         event = event_json("put", record.tenant, record.name, record.version, record.sha256)
-        args = [record.tenant, record.name, record.version, _encode(record), event, self.channel]
+        args = [record.tenant, record.name, record.version, _encode(record), event, self.channel, int(promote)]
         with self._errors(f"publish {record.versioned_id}"):
             is_latest = self._publish(keys=keys, args=args)
-        if not is_latest:
+        if not is_latest and promote:
             log.warning("%s published behind a newer version; the latest pointer was kept", record.versioned_id)
 
     def remove(self, tenant: str, name: str) -> None:

@@ -103,7 +103,9 @@ class AdapterRegistry:
 
     # --- writes ---------------------------------------------------------------------------
     def upload(self, principal: Principal, name: str, files: Mapping[str, bytes] | None = None,
-               archive: bytes | None = None, tenant: str | None = None, shared: bool = False) -> AdapterVersion:
+               archive: bytes | None = None, tenant: str | None = None, shared: bool = False,
+               promote: bool = True) -> AdapterVersion:
+        """A new version of `<owner>/<name>`; `promote=False` keeps the bare name on its current version."""
         owner = self._owner_for_upload(principal, tenant)
         if shared and not principal.is_admin:
             raise Forbidden("only an admin can publish a shared adapter")
@@ -112,7 +114,7 @@ class AdapterRegistry:
         if archive is not None:
             files = extract_adapter_archive(archive, self.limits.max_adapter_bytes, self.limits.max_archive_members)
         validated = self._validate(files or {}, f"{owner}/{name}")
-        return self.store.put(owner, name, files, validated, shared=shared)
+        return self.store.put(owner, name, files, validated, shared=shared, promote=promote)
 
     def delete(self, principal: Principal, adapter_id: str) -> AdapterVersion:
         record = self.manageable(principal, adapter_id)

@@ -1,12 +1,14 @@
 """Immutable adapter versions: blobs on the local filesystem, "which versions exist" in an `AdapterIndex`.
 
     <data_dir>/<tenant>/<name>/v<n>/{adapter_config.json, adapter_model.safetensors, meta.json}
-    <data_dir>/<tenant>/<name>/latest     "<n>": the newest published version, replaced atomically
+    <data_dir>/<tenant>/<name>/latest     "<n>": the version the bare name serves (the newest promoted one)
+    <data_dir>/<tenant>/<name>/newest     "<n>": the highest published version, promoted or not
     <data_dir>/<tenant>/<name>/{adapter_config.json, adapter_model.safetensors}   legacy flat = version 1
     <data_dir>/.staging/ .trash/ .locks/   dot-dirs, never a tenant (id parts start with [a-z0-9])
 
 A put is built in `.staging/`, fsynced, renamed into place, then published by the index: a version dir
-above `latest` is an unfinished put and is never served. A delete renames the whole adapter dir into
+above `newest` is an unfinished put and is never served. A put with `promote=False` (a fine-tuned
+adapter that did not beat the base model) is served as `name@n` only; the bare name keeps its version. A delete renames the whole adapter dir into
 `.trash/` (404 from that instant), then removes it. Writers to one tenant hold one lock (thread lock +
 flock, so several workers agree) because the quota is per tenant; readers hold none: a version never
 changes and every switch is a rename.
@@ -33,7 +35,9 @@ from typing import Any, Protocol
 from loraplex.engine.model import LORA_MODULES
 from loraplex.engine.types import LoraRequest
 from loraplex.registry.adapter_config import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.registry.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterFile, QuotaExceeded, RegistryUnavailable
+from loraplex.registry.errors import (
+    AdapterNotFound, InvalidAdapter, InvalidAdapterFile, QuotaExceeded, RegistryUnavailable, storage_error,
+)
 from loraplex.registry.local_store import ID_PART, LocalAdapterStore
 from loraplex.registry.validation import ValidatedAdapter, adapter_digest
 
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
+NEWEST_FILE = "newest"
 MAX_LIST_LIMIT = 1000
 _VERSION_TEXT = re.compile(r"^[1-9][0-9]{0,8}$")  # [0-9], not \d: no other scripts' digits
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
@@ -112,8 +117,8 @@ class AdapterIndex(Protocol):
     def get(self, tenant: str, name: str, version: int | None) -> AdapterVersion | None:
         """The record of `version` (None: the latest), or None if it is not published."""
 
-    def publish(self, record: AdapterVersion) -> None:
-        """Make `record` (already on disk) the latest version of its adapter."""
+    def publish(self, record: AdapterVersion, promote: bool = True) -> None:
+        """Make `record` (already on disk) servable as `name@version`, and (promote) the latest of its adapter."""
 
     def remove(self, tenant: str, name: str) -> None:
         """Forget every version of the adapter (its blobs are removed right after)."""
@@ -132,17 +137,23 @@ class LocalJsonIndex:
 
     def get(self, tenant: str, name: str, version: int | None) -> AdapterVersion | None:
         adapter_dir = self.data_dir / tenant / name
-        latest = self._latest_version(adapter_dir)
-        version = latest if version is None else version
-        if latest is None or version > latest:
+        if version is None:
+            version = self._latest_version(adapter_dir)
+        elif version > (self._newest_version(adapter_dir) or 0):
+            version = None
+        if version is None:
             return None
         meta_path = adapter_dir / f"v{version}" / META_FILE
         if meta_path.is_file():
             return _read_meta(meta_path)
         return self._legacy_record(tenant, name) if version == 1 else None
 
-    def publish(self, record: AdapterVersion) -> None:
-        _write_atomically(record.path.parent / LATEST_FILE, f"{record.version}\n".encode())
+    def publish(self, record: AdapterVersion, promote: bool = True) -> None:
+        adapter_dir = record.path.parent
+        if record.version > (self._newest_version(adapter_dir) or 0):
+            _write_atomically(adapter_dir / NEWEST_FILE, f"{record.version}\n".encode())
+        if promote:
+            _write_atomically(adapter_dir / LATEST_FILE, f"{record.version}\n".encode())
 
     def remove(self, tenant: str, name: str) -> None:
         pass  # the pointer lives in the adapter dir, which the store moves away next
@@ -159,6 +170,15 @@ class LocalJsonIndex:
                 if record is not None:
                     records.append(record)
         return sorted(records, key=lambda record: record.id)
+
+    def _newest_version(self, adapter_dir: Path) -> int | None:
+        try:
+            return int((adapter_dir / NEWEST_FILE).read_text().strip())
+        except FileNotFoundError:
+            return self._latest_version(adapter_dir)  # written before `newest` existed
+        except (OSError, ValueError):
+            log.warning("unreadable %s in %s", NEWEST_FILE, adapter_dir)
+            return None
 
     def _latest_version(self, adapter_dir: Path) -> int | None:
         try:
@@ -195,8 +215,9 @@ class VersionedAdapterStore:
         for hidden in (".staging", ".trash", ".locks"):
             (self.data_dir / hidden).mkdir(parents=True, exist_ok=True)
 
-    def put(self, tenant: str, name: str, files: Mapping[str, bytes], validated: ValidatedAdapter, shared: bool = False) -> AdapterVersion:
-        """Store a new immutable version (the next number); all or nothing."""
+    def put(self, tenant: str, name: str, files: Mapping[str, bytes], validated: ValidatedAdapter, shared: bool = False,
+            promote: bool = True) -> AdapterVersion:
+        """Store a new immutable version (the next number); all or nothing. Not `promote`d: `name@n` only."""
         _require_id_part(tenant, "tenant")
         _require_id_part(name, "name")
         config_bytes, weights_bytes = _checked_files(files, validated)
@@ -206,21 +227,24 @@ class VersionedAdapterStore:
                 _stage(staging, config_bytes, weights_bytes)
                 with self._tenant_lock(tenant):
                     self._check_quota(tenant, name, validated.num_bytes)
-                    return self._commit(staging, tenant, name, validated, shared)
+                    return self._commit(staging, tenant, name, validated, shared, promote)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # already renamed away unless the put failed
-        except OSError as exc:
-            raise RegistryUnavailable(f"cannot store adapter {tenant}/{name}: {exc.strerror or exc}") from exc
+        except OSError as exc:  # 507 when the volume is full, 503 when it cannot be written or read
+            action = f"store adapter {tenant}/{name}"
+            raise storage_error(exc, action) or RegistryUnavailable(f"cannot {action}: {exc.strerror or exc}") from exc
 
     def get(self, tenant: str, name: str, version: int | None = None) -> AdapterVersion:
         """The record (latest unless `version`); AdapterNotFound if absent, whatever the reason."""
         requested = f"{tenant}/{name}" + (f"@{version}" if version is not None else "")
         if not (is_id_part(tenant) and is_id_part(name)) or (version is not None and version < 1):
             raise AdapterNotFound(requested)
-        latest = self.index.get(tenant, name, None)
-        record = latest if version is None or latest is None else self.index.get(tenant, name, version)
+        record = self.index.get(tenant, name, version)
         if record is None:
             raise AdapterNotFound(requested)
+        latest = record if version is None else self.index.get(tenant, name, None)
+        if latest is None:
+            return record  # only unpromoted versions so far
         return replace(record, shared=latest.shared)  # sharing is per adapter: unsharing covers old versions
 
     def get_by_id(self, adapter_id: str) -> AdapterVersion:
@@ -239,15 +263,16 @@ class VersionedAdapterStore:
             raise AdapterNotFound(f"{tenant}/{name}")
         adapter_dir = self.data_dir / tenant / name
         trash = self.data_dir / ".trash" / f"{tenant}.{name}.{uuid.uuid4().hex}"
-        with self._tenant_lock(tenant):
-            if adapter_dir.is_symlink() or not adapter_dir.is_dir():
-                raise AdapterNotFound(f"{tenant}/{name}")
-            self.index.remove(tenant, name)  # first: an index elsewhere (Redis) must not point at gone blobs
-            try:
+        try:
+            with self._tenant_lock(tenant):  # opening the lock file fails too on a read-only volume
+                if adapter_dir.is_symlink() or not adapter_dir.is_dir():
+                    raise AdapterNotFound(f"{tenant}/{name}")
+                self.index.remove(tenant, name)  # first: an index elsewhere (Redis) must not point at gone blobs
                 os.rename(adapter_dir, trash)  # atomic: readers see all versions or none
-            except OSError as exc:
-                raise RegistryUnavailable(f"cannot delete adapter {tenant}/{name}: {exc.strerror or exc}") from exc
-            _remove_if_empty(adapter_dir.parent)
+                _remove_if_empty(adapter_dir.parent)
+        except OSError as exc:
+            action = f"delete adapter {tenant}/{name}"
+            raise storage_error(exc, action) or RegistryUnavailable(f"cannot {action}: {exc.strerror or exc}") from exc
         shutil.rmtree(trash, ignore_errors=True)
 
     def usage(self, tenant: str) -> tuple[int, int]:
@@ -264,7 +289,8 @@ class VersionedAdapterStore:
         if num_bytes + num_new_bytes > self.quota.max_bytes:
             raise QuotaExceeded(f"tenant {tenant!r} would store {num_bytes + num_new_bytes} bytes (quota {self.quota.max_bytes})")
 
-    def _commit(self, staging: Path, tenant: str, name: str, validated: ValidatedAdapter, shared: bool) -> AdapterVersion:
+    def _commit(self, staging: Path, tenant: str, name: str, validated: ValidatedAdapter, shared: bool,
+                promote: bool) -> AdapterVersion:
         adapter_dir = self.data_dir / tenant / name
         record = _new_record(tenant, name, _next_version(adapter_dir), validated, shared, adapter_dir)
         _write_synced(staging / META_FILE, json.dumps(record.to_meta(), indent=2).encode())
@@ -272,18 +298,21 @@ class VersionedAdapterStore:
         new_dirs = [d for d in (adapter_dir.parent, adapter_dir) if not d.exists()]
         adapter_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._move_and_publish(staging, record)
+            self._move_and_publish(staging, record, promote)
         except BaseException:
             for directory in reversed(new_dirs):
                 _remove_if_empty(directory)
             raise
         return record
 
-    def _move_and_publish(self, staging: Path, record: AdapterVersion) -> None:
+    def _move_and_publish(self, staging: Path, record: AdapterVersion, promote: bool) -> None:
         os.rename(staging, record.path)  # the version dir appears whole or not at all
         try:
             _fsync_dir(record.path.parent)
-            self.index.publish(record)
+            if promote:
+                self.index.publish(record)  # the two-argument form only when needed: older custom indexes keep working
+            else:
+                self.index.publish(record, promote=False)
         except BaseException:
             shutil.rmtree(record.path, ignore_errors=True)  # never published, so never served meanwhile
             raise

@@ -1,4 +1,6 @@
-"""Fine-tuning hyperparameters: OpenAI's three (each may be "auto") plus the LoRA shape and a seed.
+"""Fine-tuning hyperparameters: OpenAI's three (each may be "auto"), the LoRA shape, the transfer
+strategy (which layers, layer-wise learning-rate decay, weight decay, rsLoRA), validation and early
+stopping, and a seed.
 
 `Hyperparameters` is what a client sends; `resolve(num_examples)` turns every "auto" into a number and
 returns `ResolvedHyperparameters`, what a job reports back and the trainer runs with.
@@ -6,6 +8,10 @@ returns `ResolvedHyperparameters`, what a job reports back and the trainer runs 
 Learning rate: `BASE_LEARNING_RATE * learning_rate_multiplier`, with a short linear warmup then linear
 decay to 0. The base is 3e-4, inside the usual 1e-4..1e-3 LoRA range for real-size models; the tiny
 random-weight demo model needs the top multiplier (10, i.e. 3e-3) to learn the keyword example in 250 steps.
+
+Transfer defaults are the safe ones: LoRA on every layer and projection, one learning rate, no weight
+decay, alpha/r scaling; a held-out 10% of the training file when no validation file is given; early
+stopping after 3 epochs without a better validation loss, keeping the best epoch's weights.
 """
 from __future__ import annotations
 
@@ -29,6 +35,23 @@ MAX_LORA_R = 64
 MAX_LORA_DROPOUT = 0.5
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 100_000  # a bound on any job, whatever the epochs and dataset size say
+MAX_WEIGHT_DECAY = 1.0
+MAX_VALIDATION_SPLIT = 0.5
+DEFAULT_VALIDATION_SPLIT = 0.1
+MIN_EXAMPLES_TO_SPLIT = 10  # fewer: nothing is held out (too few to train on and to judge with)
+DEFAULT_EARLY_STOPPING_PATIENCE = 3
+MAX_LAYERS = 1024
+# Presets for `target_modules`: LoRA on the attention or on the MLP projections only.
+MODULE_PRESETS = {
+    "all": LORA_MODULES,
+    "attention": tuple(m for m in LORA_MODULES if m in ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "mlp": tuple(m for m in LORA_MODULES if m in ("gate_proj", "up_proj", "down_proj")),
+}
+OPENAI_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+EXTENSION_FIELDS = (
+    "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "layers_to_transform",
+    "top_k_layers", "layer_lr_decay", "weight_decay", "early_stopping_patience", "validation_split",
+)
 
 
 class HyperparameterError(ValueError):
@@ -52,6 +75,11 @@ class ResolvedHyperparameters:
     target_modules: tuple[str, ...]
     seed: int
     num_steps: int  # optimizer steps the job will run: ceil(examples / batch) * epochs, capped by max_steps
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    layers_to_transform: tuple[int, ...] | None = None  # None: every layer
+    layer_lr_decay: float = 1.0  # layer l of L trains at lr * decay ** (L - 1 - l)
+    weight_decay: float = 0.0  # decoupled, on the LoRA factors: pulls W' back towards the pre-trained W
+    early_stopping_patience: int = DEFAULT_EARLY_STOPPING_PATIENCE  # 0: never stop early
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +96,34 @@ class Hyperparameters:
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
     seed: int = 0
     max_steps: int | None = None  # stop after this many optimizer steps, whatever n_epochs says
+    use_rslora: bool = False
+    layers_to_transform: tuple[int, ...] | None = None  # layer indices (0 = nearest the embeddings)
+    top_k_layers: int | None = None  # "freeze shallow, tune deep": LoRA on the k layers nearest the output
+    layer_lr_decay: float = 1.0
+    weight_decay: float = 0.0
+    early_stopping_patience: int | Auto = AUTO  # auto: DEFAULT_EARLY_STOPPING_PATIENCE epochs
+    validation_split: float | Auto = AUTO  # share held out when there is no validation file; auto: 0.1
+
+    @classmethod
+    def from_request(cls, requested: dict, seed: int, max_steps: int | None = None) -> Hyperparameters:
+        """From a job's requested dict (absent fields keep their defaults); `target_modules` may be a preset."""
+        given = {k: v for k, v in requested.items() if k in OPENAI_FIELDS + EXTENSION_FIELDS and v is not None}
+        modules = given.get("target_modules")
+        if isinstance(modules, str):
+            if modules not in MODULE_PRESETS:
+                raise HyperparameterError("target_modules", f"unknown preset {modules!r}; use one of {list(MODULE_PRESETS)} or a list")
+            given["target_modules"] = MODULE_PRESETS[modules]
+        for name in ("target_modules", "layers_to_transform"):
+            if isinstance(given.get(name), list):
+                given[name] = tuple(given[name])
+        return cls(**given, seed=seed, max_steps=max_steps)
+
+    def num_held_out(self, num_examples: int) -> int:
+        """Examples split off the training file for validation when the job has no validation file."""
+        share = DEFAULT_VALIDATION_SPLIT if self.validation_split == AUTO else float(self.validation_split)
+        if share <= 0 or num_examples < MIN_EXAMPLES_TO_SPLIT:
+            return 0
+        return max(1, round(share * num_examples))
 
     def validate(self, max_lora_rank: int = MAX_LORA_R) -> None:
         """Raise HyperparameterError for the first bad field. `max_lora_rank`: the serving engine's limit."""
@@ -84,9 +140,12 @@ class Hyperparameters:
         _check_int("seed", self.seed, 0, MAX_SEED)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1, MAX_STEPS)
+        _check_transfer(self)
 
-    def resolve(self, num_examples: int, max_lora_rank: int = MAX_LORA_R) -> ResolvedHyperparameters:
-        """Validate, then replace every "auto" for a dataset of `num_examples` examples."""
+    def resolve(self, num_examples: int, max_lora_rank: int = MAX_LORA_R,
+                num_layers: int | None = None) -> ResolvedHyperparameters:
+        """Validate, then replace every "auto" for a dataset of `num_examples` examples and a model of
+        `num_layers` layers (None: layer indices are checked by the trainer, which knows the model)."""
         self.validate(max_lora_rank)
         if num_examples < 1:
             raise HyperparameterError("training_file", "the dataset holds no usable example")
@@ -109,7 +168,26 @@ class Hyperparameters:
             target_modules=tuple(sorted(set(self.target_modules), key=LORA_MODULES.index)),
             seed=self.seed,
             num_steps=num_steps,
+            use_rslora=self.use_rslora,
+            layers_to_transform=self._layers(num_layers),
+            layer_lr_decay=float(self.layer_lr_decay),
+            weight_decay=float(self.weight_decay),
+            early_stopping_patience=(DEFAULT_EARLY_STOPPING_PATIENCE if self.early_stopping_patience == AUTO
+                                     else self.early_stopping_patience),
         )
+
+    def _layers(self, num_layers: int | None) -> tuple[int, ...] | None:
+        if self.top_k_layers is not None:
+            if num_layers is None:
+                raise HyperparameterError("top_k_layers", "cannot be resolved without the model's number of layers")
+            if self.top_k_layers > num_layers:
+                raise HyperparameterError("top_k_layers", f"the model has {num_layers} layers, got {self.top_k_layers}")
+            return tuple(range(num_layers - self.top_k_layers, num_layers))
+        if self.layers_to_transform is None:
+            return None
+        if num_layers is not None and max(self.layers_to_transform) >= num_layers:
+            raise HyperparameterError("layers_to_transform", f"the model has layers 0..{num_layers - 1}, got {list(self.layers_to_transform)}")
+        return tuple(sorted(set(self.layers_to_transform)))
 
 
 def learning_rate_at(step: int, num_steps: int, peak: float) -> float:
@@ -158,3 +236,29 @@ def _check_target_modules(modules) -> None:
     unknown = [m for m in modules if m not in LORA_MODULES]
     if unknown:
         raise HyperparameterError("target_modules", f"unknown modules {unknown}; choose from {list(LORA_MODULES)}")
+
+
+def _check_transfer(hp: Hyperparameters) -> None:
+    if not isinstance(hp.use_rslora, bool):
+        raise HyperparameterError("use_rslora", f"must be true or false, got {hp.use_rslora!r}")
+    if hp.layers_to_transform is not None and hp.top_k_layers is not None:
+        raise HyperparameterError("layers_to_transform", "give layers_to_transform or top_k_layers, not both")
+    if hp.layers_to_transform is not None:
+        layers = hp.layers_to_transform
+        if isinstance(layers, str) or not isinstance(layers, tuple | list) or not layers or len(layers) > MAX_LAYERS:
+            raise HyperparameterError("layers_to_transform", "must be a non-empty list of layer indices")
+        for layer in layers:
+            _check_int("layers_to_transform", layer, 0, MAX_LAYERS - 1)
+    if hp.top_k_layers is not None:
+        _check_int("top_k_layers", hp.top_k_layers, 1, MAX_LAYERS)
+    _check_number("layer_lr_decay", hp.layer_lr_decay)
+    if not 0 < hp.layer_lr_decay <= 1:
+        raise HyperparameterError("layer_lr_decay", f"must be > 0 and <= 1, got {hp.layer_lr_decay}")
+    _check_number("weight_decay", hp.weight_decay)
+    if not 0 <= hp.weight_decay <= MAX_WEIGHT_DECAY:
+        raise HyperparameterError("weight_decay", f"must be between 0 and {MAX_WEIGHT_DECAY:g}, got {hp.weight_decay}")
+    _check_int_or_auto("early_stopping_patience", hp.early_stopping_patience, 0, MAX_N_EPOCHS)
+    if hp.validation_split != AUTO:
+        _check_number("validation_split", hp.validation_split)
+        if not 0 <= hp.validation_split <= MAX_VALIDATION_SPLIT:
+            raise HyperparameterError("validation_split", f"must be between 0 and {MAX_VALIDATION_SPLIT:g}, got {hp.validation_split}")

@@ -84,6 +84,8 @@ class JobRecord:
     step: int = 0
     num_steps: int | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    force_promotion: bool = False  # publish as the latest version even if it does not beat the base model
+    evaluation: dict[str, Any] | None = None  # base vs adapter scores and the promotion decision (promotion.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -472,17 +474,3 @@ class RedisJobStore:
             yield
         except self._redis_errors as exc:
             raise JobStoreUnavailable(f"job store unavailable: cannot {action} ({exc})") from exc
-
-
-LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
-OPENAI_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-
-
-def job_hyperparameters(requested: dict[str, Any], seed: int, max_steps: int | None = None):
-    """The trainer's `Hyperparameters` for a job's requested dict (absent fields keep their defaults)."""
-    from loraplex.training.hyperparams import Hyperparameters
-
-    given = {k: v for k, v in requested.items() if k in OPENAI_FIELDS + LORA_FIELDS and v is not None}
-    if "target_modules" in given and isinstance(given["target_modules"], list):
-        given["target_modules"] = tuple(given["target_modules"])
-    return Hyperparameters(**given, seed=seed, max_steps=max_steps)

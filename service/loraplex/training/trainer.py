@@ -1,7 +1,8 @@
 """Train one LoRA adapter on a parsed dataset and write it where the engine can serve it.
 
 One call, no framework: load the base model (fp32 on CPU, bf16 on CUDA), wrap it with PEFT, run AdamW
-over the LoRA weights only for the resolved number of steps, then `save_pretrained` into a staging
+over the LoRA weights only (one group per layer), score every epoch on validation data and keep the
+best epoch, score the base model on the same data, then `save_pretrained` into a staging
 directory that is renamed into place, so `out_dir` is either a complete adapter or absent. The caller
 (the job worker) owns queueing, persistence and progress reporting; it observes a run through
 `on_event` and stops it through `should_stop`, which is polled before every optimizer step.
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 
 from loraplex.fsutil import staging_dir
-from loraplex.training.datasets import IGNORE_INDEX, DatasetError, ParsedDataset, TokenizedDataset, tokenize_dataset
+from loraplex.training.datasets import DatasetError, ParsedDataset, TokenizedDataset, tokenize_dataset
+from loraplex.training.evaluation import collate, perplexity, reference_text, reference_windows, score, split_held_out
 from loraplex.training.hyperparams import MAX_LORA_R, Hyperparameters, ResolvedHyperparameters, learning_rate_at
+from loraplex.training.transfer import BestEpoch, EpochScore, lora_config, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,22 @@ class TrainResult:
     elapsed_s: float  # model load to adapter written
     hyperparameters: ResolvedHyperparameters
     device: str
-    num_examples: int
+    num_examples: int  # trained on (after any held-out split)
     num_truncated: int  # examples cut to max_len
     num_dropped: int  # examples left with no trained token after truncation
-    valid_loss: float | None = None
+    valid_loss: float | None = None  # the kept (best) epoch's, i.e. the written adapter's
     valid_token_accuracy: float | None = None
     checkpoints: tuple[Path, ...] = field(default=())
+    validation_source: str = "none"  # "file" | "split" (held out of the training file) | "none"
+    num_valid_examples: int = 0
+    epochs: tuple[EpochScore, ...] = ()  # validation score after every epoch
+    best_epoch: int | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+    base_valid_loss: float | None = None  # the base model (adapter disabled) on the same validation set
+    base_valid_token_accuracy: float | None = None
+    reference_perplexity_base: float | None = None  # general reference text, without and with the adapter
+    reference_perplexity_adapter: float | None = None
 
 
 def train_lora(
@@ -75,6 +88,7 @@ def train_lora(
     should_stop: Callable[[], bool] = lambda: False,
     validation: ParsedDataset | None = None,
     *,
+    on_epoch: Callable[[EpochScore], None] = lambda score: None,
     device: str = "auto",
     max_len: int = DEFAULT_MAX_LEN,
     checkpoint_every_epochs: int | None = None,
@@ -82,9 +96,13 @@ def train_lora(
 ) -> TrainResult:
     """Train on `dataset`, write the adapter to `out_dir` (which must not exist) and return what happened.
 
-    Raises HyperparameterError / DatasetError before any heavy work, TrainingCancelled when stopped.
+    Without `validation`, a share of `dataset` is held out (hp.validation_split). With validation data,
+    every epoch is scored, training stops early after `early_stopping_patience` epochs without a better
+    validation loss, the best epoch's weights are the ones written, and the base model is scored on the
+    same data for the negative-transfer guard. Raises HyperparameterError / DatasetError before any
+    heavy work, TrainingCancelled when stopped.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -92,65 +110,89 @@ def train_lora(
         raise FileExistsError(f"{out_dir} already exists; adapters are written once")
     torch_device = _pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model_max_len = min(max_len, _max_positions(model_dir))
+    model_config = AutoConfig.from_pretrained(model_dir)
+    model_max_len = min(max_len, int(getattr(model_config, "max_position_embeddings", DEFAULT_MAX_LEN)))
+    num_layers = int(model_config.num_hidden_layers)
+    source = "file" if validation is not None else "none"
+    if validation is None and (num_held_out := hp.num_held_out(len(dataset))):
+        dataset, validation, source = *split_held_out(dataset, num_held_out, hp.seed), "split"
     train_set = _tokenize_or_refuse(tokenizer, dataset, model_max_len)
-    hp_resolved = hp.resolve(len(train_set.examples), max_lora_rank or MAX_LORA_R)
+    hp_resolved = hp.resolve(len(train_set.examples), max_lora_rank or MAX_LORA_R, num_layers)
     valid_set = tokenize_dataset(tokenizer, validation, model_max_len) if validation is not None else None
+    if valid_set is not None and not valid_set.examples:
+        valid_set, source = None, "none"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
         torch.manual_seed(hp_resolved.seed)  # LoRA init and dropout
         model = _load_peft_model(model_dir, hp_resolved, torch_device)
-        loop = _TrainLoop(model, hp_resolved, train_set, pad_id, torch_device, on_event, should_stop)
-        checkpoints = loop.run(out_dir, checkpoint_every_epochs)
-        valid_loss, valid_accuracy = _evaluate(model, valid_set, pad_id, torch_device, should_stop, loop.step)
+        loop = _TrainLoop(model, hp_resolved, num_layers, train_set, pad_id, torch_device, on_event, should_stop)
+        tracker = BestEpoch(hp_resolved.early_stopping_patience)
+        checkpoints = loop.run(out_dir, checkpoint_every_epochs, valid_set, tracker, on_epoch)
+        tracker.restore_best(loop.named_trainable)
+        scores = _final_scores(model, tokenizer, valid_set, pad_id, torch_device, model_max_len, loop.check)
     if should_stop():
         raise TrainingCancelled(loop.step)
     _save_adapter(model, out_dir)
+    best = tracker.best
     return TrainResult(
-        out_dir=out_dir,
-        num_steps=loop.step,
-        final_loss=loop.last_epoch_loss,
-        train_tokens=loop.num_tokens,
-        elapsed_s=time.monotonic() - started,
-        hyperparameters=hp_resolved,
-        device=str(torch_device),
-        num_examples=len(train_set.examples),
-        num_truncated=train_set.num_truncated,
-        num_dropped=train_set.num_dropped,
-        valid_loss=valid_loss,
-        valid_token_accuracy=valid_accuracy,
-        checkpoints=tuple(checkpoints),
+        out_dir=out_dir, num_steps=loop.step, final_loss=loop.last_epoch_loss, train_tokens=loop.num_tokens,
+        elapsed_s=time.monotonic() - started, hyperparameters=hp_resolved, device=str(torch_device),
+        num_examples=len(train_set.examples), num_truncated=train_set.num_truncated, num_dropped=train_set.num_dropped,
+        checkpoints=tuple(checkpoints), validation_source=source,
+        num_valid_examples=len(valid_set.examples) if valid_set else 0, epochs=tuple(tracker.history),
+        best_epoch=best and best.epoch, best_step=best and best.step, stopped_early=loop.stopped_early, **scores,
     )
+
+
+def _final_scores(model, tokenizer, valid_set, pad_id, device, max_len, check) -> dict[str, float | None]:
+    """The kept adapter and the base model (adapter disabled) on the validation set and the reference text."""
+    windows = reference_windows(tokenizer, reference_text(), max_len)
+    scores = {"reference_perplexity_adapter": perplexity(model, windows, pad_id, device, check)}
+    if valid_set is not None:
+        adapter = score(model, valid_set, pad_id, device, check)
+        scores.update(valid_loss=adapter.loss, valid_token_accuracy=adapter.token_accuracy)
+    with model.disable_adapter():
+        scores["reference_perplexity_base"] = perplexity(model, windows, pad_id, device, check)
+        if valid_set is not None:
+            base = score(model, valid_set, pad_id, device, check)
+            scores.update(base_valid_loss=base.loss, base_valid_token_accuracy=base.token_accuracy)
+    return scores
 
 
 class _TrainLoop:
     """The optimizer loop; holds the step counter and running losses the result reports."""
 
-    def __init__(self, model, hp: ResolvedHyperparameters, data: TokenizedDataset, pad_id: int, device,
-                 on_event, should_stop):
+    def __init__(self, model, hp: ResolvedHyperparameters, num_layers: int, data: TokenizedDataset, pad_id: int,
+                 device, on_event, should_stop):
         self.model, self.hp, self.data, self.pad_id, self.device = model, hp, data, pad_id, device
         self.on_event, self.should_stop = on_event, should_stop
-        trainable = [p for p in model.parameters() if p.requires_grad]  # the LoRA A/B matrices only
-        self.optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0)
-        self.trainable = trainable
+        self.named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}  # LoRA A/B only
+        groups = param_groups(model, hp, num_layers)
+        self.optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        self.trainable = list(self.named_trainable.values())
         self.step = 0
         self.num_tokens = 0
         self.last_epoch_loss = math.nan
         self.last_lr = 0.0
+        self.stopped_early = False
         self.event_every = max(1, math.ceil(hp.num_steps / MAX_EVENTS_PER_RUN))
         self.started = time.monotonic()
 
-    def run(self, out_dir: Path, checkpoint_every_epochs: int | None) -> list[Path]:
-        self.model.train()
+    def check(self) -> None:
+        if self.should_stop():
+            raise TrainingCancelled(self.step)
+
+    def run(self, out_dir: Path, checkpoint_every_epochs: int | None, valid_set: TokenizedDataset | None,
+            tracker: BestEpoch, on_epoch) -> list[Path]:
         checkpoints = []
         pending: list[float] = []  # losses since the last event
         for epoch in range(1, self.hp.n_epochs + 1):
+            self.model.train()
             epoch_losses = []
             for batch in _batches(self.data, self.hp.batch_size, self.hp.seed + epoch, self.pad_id):
                 if self.step >= self.hp.num_steps:
                     break
-                if self.should_stop():
-                    raise TrainingCancelled(self.step)
+                self.check()
                 loss = self._optimizer_step(batch)
                 epoch_losses.append(loss)
                 pending.append(loss)
@@ -159,6 +201,14 @@ class _TrainLoop:
                     pending = []
             if epoch_losses:
                 self.last_epoch_loss = sum(epoch_losses) / len(epoch_losses)
+            if valid_set is not None and epoch_losses:
+                valid = score(self.model, valid_set, self.pad_id, self.device, self.check)
+                epoch_score = EpochScore(epoch, self.step, self.last_epoch_loss, valid.loss, valid.token_accuracy)
+                tracker.update(epoch_score, self.named_trainable)
+                on_epoch(epoch_score)
+                if tracker.should_stop() and self.step < self.hp.num_steps:
+                    self.stopped_early = True
+                    break
             if self.step >= self.hp.num_steps:
                 break
             if checkpoint_every_epochs and epoch % checkpoint_every_epochs == 0:
@@ -168,7 +218,7 @@ class _TrainLoop:
     def _optimizer_step(self, batch: dict[str, torch.Tensor]) -> float:
         lr = learning_rate_at(self.step, self.hp.num_steps, self.hp.learning_rate)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # layer-wise decay: the top layer trains at `lr`
         batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
         loss = self.model(**batch).loss  # mean over label tokens of the whole batch
         loss.backward()
@@ -192,52 +242,10 @@ def _batches(data: TokenizedDataset, batch_size: int, seed: int, pad_id: int) ->
         yield collate([data.examples[i] for i in order[start : start + batch_size]], pad_id)
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad with `pad_id`; pads get attention 0 and label IGNORE_INDEX so they change neither loss nor context."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # [B, T]
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, T]
-    for row, (ids, example_labels) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(ids)] = torch.tensor(example_labels)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-@torch.no_grad()
-def _evaluate(model, data: TokenizedDataset | None, pad_id: int, device, should_stop, step: int,
-              batch_size: int = 8) -> tuple[float | None, float | None]:
-    """Token-weighted mean loss and next-token accuracy over the label tokens of `data`."""
-    if data is None or not data.examples:
-        return None, None
-    model.eval()
-    total_loss, num_correct, num_labels = 0.0, 0, 0
-    for start in range(0, len(data.examples), batch_size):
-        if should_stop():
-            raise TrainingCancelled(step)
-        batch = collate(list(data.examples[start : start + batch_size]), pad_id)
-        batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]  # position t predicts token t+1
-        mask = targets != IGNORE_INDEX
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        total_loss += float(losses[mask].sum())
-        num_correct += int((logits.argmax(-1) == targets)[mask].sum())
-        num_labels += int(mask.sum())
-    return total_loss / num_labels, num_correct / num_labels
-
-
 def _pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _max_positions(model_dir: Path) -> int:
-    from transformers import AutoConfig
-
-    return int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", DEFAULT_MAX_LEN))
 
 
 def _tokenize_or_refuse(tokenizer, dataset: ParsedDataset, max_len: int) -> TokenizedDataset:
@@ -250,22 +258,14 @@ def _tokenize_or_refuse(tokenizer, dataset: ParsedDataset, max_len: int) -> Toke
 
 
 def _load_peft_model(model_dir: Path, hp: ResolvedHyperparameters, device: torch.device):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     base.config.use_cache = False  # no KV cache while training
-    config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
-        lora_dropout=hp.lora_dropout,
-        target_modules=list(hp.target_modules),
-        bias="none",  # the engine serves A/B pairs only: no biases, no modules_to_save, no DoRA
-    )
     # PEFT keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype), so updates are not rounded away.
-    return get_peft_model(base, config)
+    return get_peft_model(base, lora_config(hp))
 
 
 def _checkpoint_dir(out_dir: Path, epoch: int) -> Path:

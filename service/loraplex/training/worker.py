@@ -4,7 +4,8 @@
 job owns the device while it trains. For each job: `validating_files` (re-read the files) -> `running`
 (`train_lora`, every logged step an event, a heartbeat thread, `should_stop` polling the cancel flag)
 -> publish through the adapter registry as `<tenant>/<suffix | ft-<id>>` (a new version if the name
-exists) -> `succeeded` with `fine_tuned_model = <tenant>/<name>@<n>`. The server picks the adapter up on
+exists; made the latest version only if it beat the base model on validation data, see `promotion`)
+-> `succeeded` with `fine_tuned_model = <tenant>/<name>@<n>` and the `evaluation` record. The server picks the adapter up on
 the next request that names it: no restart. Between jobs the worker also reaps stale jobs.
 
 On SIGTERM a running job is given back to the queue (not failed): the next worker starts it over.
@@ -28,12 +29,12 @@ from loraplex.registry.auth import Principal
 from loraplex.registry.service import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.training.datasets import DatasetError
 from loraplex.training.files import FileNotFound, FileStore
-from loraplex.training.hyperparams import HyperparameterError
-from loraplex.training.trainer import TrainingCancelled, train_lora  # cancelled: by a user, the reaper or shutdown
+from loraplex.training.hyperparams import HyperparameterError, Hyperparameters
 from loraplex.training.jobs import (
-    CANCELLED, CLAIMED, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore, build_job_store, job_hyperparameters,
-    make_event, reap_stale,
+    CANCELLED, CLAIMED, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore, build_job_store, make_event, reap_stale,
 )
+from loraplex.training.promotion import evaluate_result
+from loraplex.training.trainer import TrainingCancelled, train_lora  # cancelled: by a user, the reaper or shutdown
 
 log = logging.getLogger(__name__)
 
@@ -87,26 +88,30 @@ class Worker:
         valid = None
         if job.validation_file:
             valid = self.files.dataset(self.files.get(job.tenant, job.validation_file, param="validation_file"))
-        hp = job_hyperparameters(job.hyperparameters, job.seed, self.settings.max_train_steps)
-        resolved = hp.resolve(len(train), self.settings.max_lora_rank)
+        hp = Hyperparameters.from_request(job.hyperparameters, job.seed, self.settings.max_train_steps)
+        num_train = len(train) - (0 if valid is not None else hp.num_held_out(len(train)))
+        resolved = hp.resolve(num_train, self.settings.max_lora_rank, _num_layers(self.model_dir))
         if self.store.update(job.id, expect=CLAIMED, status=RUNNING, num_steps=resolved.num_steps,
                              resolved_hyperparameters=resolved.to_dict()) is None:
             raise TrainingCancelled(0)  # cancelled or reaped meanwhile
         self.store.add_event(job.id, make_event("Fine-tuning job started."))
         result = train_lora(self.model_dir, train, hp, work_dir / "adapter", on_event=progress.on_event,
                             should_stop=progress.should_stop, validation=valid, device=self.settings.device,
-                            max_lora_rank=self.settings.max_lora_rank)
+                            max_lora_rank=self.settings.max_lora_rank, on_epoch=progress.on_epoch)
         if progress.should_stop(force=True):
             raise TrainingCancelled(result.num_steps)
-        adapter_id = self.publisher(job, result.out_dir)
-        metrics = {"step": result.num_steps, "train_loss": result.final_loss, "valid_loss": result.valid_loss,
-                   "valid_mean_token_accuracy": result.valid_token_accuracy}
-        checkpoint = {"id": f"ftckpt-{job.id[6:]}", "object": "fine_tuning.job.checkpoint",
-                      "created_at": int(time.time()), "fine_tuned_model_checkpoint": adapter_id,
-                      "fine_tuning_job_id": job.id, "step_number": result.num_steps, "metrics": metrics}
+        evaluation = evaluate_result(result, force=job.force_promotion)
+        adapter_id = self.publisher(job, result.out_dir, evaluation["promoted"])
         self.store.update(job.id, expect=CLAIMED, status=SUCCEEDED, fine_tuned_model=adapter_id,
                           trained_tokens=result.train_tokens, finished_at=int(time.time()), step=result.num_steps,
-                          estimated_finish=None, checkpoints=[checkpoint])
+                          estimated_finish=None, checkpoints=[_checkpoint(job, adapter_id, result)],
+                          evaluation=evaluation)
+        if result.stopped_early:
+            self.store.add_event(job.id, make_event(
+                f"Early stopping after epoch {len(result.epochs)}: no better validation loss since epoch "
+                f"{result.best_epoch}; kept epoch {result.best_epoch} (step {result.best_step})."))
+        level = "info" if evaluation["promoted"] else "warn"
+        self.store.add_event(job.id, make_event(f"Evaluation: {evaluation['reason']}.", level=level))
         self.store.add_event(job.id, make_event(f"New fine-tuned model created: {adapter_id}"))
         self.store.add_event(job.id, make_event("The job has successfully completed."))
         log.info("job %s succeeded: %s", job.id, adapter_id)
@@ -143,6 +148,7 @@ class _Progress:
     def __init__(self, store: JobStore, job_id: str, shutdown: threading.Event):
         self.store, self.job_id, self.shutdown = store, job_id, shutdown
         self.is_cancel_requested = False
+        self._num_steps = 0
         self._next_check = 0.0
         self._next_progress = 0.0
 
@@ -159,7 +165,17 @@ class _Progress:
             self.is_cancel_requested = job.cancel_requested or job.status not in CLAIMED  # reaped: stop too
         return self.is_cancel_requested
 
+    def on_epoch(self, score) -> None:
+        data = {"step": score.step, "total_steps": self._num_steps, "epoch": score.epoch,
+                "progress": round(score.step / max(1, self._num_steps), 4),
+                "train_loss": round(score.train_loss, 6), "valid_loss": round(score.valid_loss, 6),
+                "valid_mean_token_accuracy": round(score.valid_token_accuracy, 6)}
+        message = (f"Epoch {score.epoch}: validation loss={score.valid_loss:.4f}, "
+                   f"token accuracy={score.valid_token_accuracy:.3f}")
+        self.store.add_event(self.job_id, make_event(message, data=data))
+
     def on_event(self, event) -> None:
+        self._num_steps = event.num_steps_total
         progress = event.step / max(1, event.num_steps_total)
         data = {"step": event.step, "total_steps": event.num_steps_total, "epoch": event.epoch,
                 "train_loss": round(event.loss, 6), "learning_rate": event.learning_rate,
@@ -208,14 +224,37 @@ class RegistryPublisher:
         shapes = module_shapes_from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
         self.runtime = build_registry(settings, {k: v for k, v in shapes.items() if k[1] in allowed})
 
-    def __call__(self, job: JobRecord, adapter_dir: Path) -> str:
+    def __call__(self, job: JobRecord, adapter_dir: Path, promote: bool = True) -> str:
         name = job.suffix or f"ft-{job.id[6:14]}"
         files = {name_: (adapter_dir / name_).read_bytes() for name_ in (CONFIG_FILE, WEIGHTS_FILE)}
-        record = self.runtime.registry.upload(Principal(tenant=None, is_admin=True), name, files, tenant=job.tenant)
+        admin = Principal(tenant=None, is_admin=True)
+        record = self.runtime.registry.upload(admin, name, files, tenant=job.tenant, promote=promote)
         return record.versioned_id
 
     def close(self) -> None:
         self.runtime.close()
+
+
+def _checkpoint(job: JobRecord, adapter_id: str, result) -> dict:
+    """The published adapter as an OpenAI checkpoint: the kept (best) epoch's step and validation metrics."""
+    metrics = {"step": result.best_step or result.num_steps, "train_loss": result.final_loss,
+               "valid_loss": result.valid_loss, "valid_mean_token_accuracy": result.valid_token_accuracy,
+               "full_valid_loss": result.valid_loss, "full_valid_mean_token_accuracy": result.valid_token_accuracy}
+    return {"id": f"ftckpt-{job.id[6:]}", "object": "fine_tuning.job.checkpoint", "created_at": int(time.time()),
+            "fine_tuned_model_checkpoint": adapter_id, "fine_tuning_job_id": job.id,
+            "step_number": result.best_step or result.num_steps, "metrics": metrics}
+
+
+def _set_train_threads(train_threads: int) -> None:
+    import torch
+
+    threads = train_threads or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    log.info("training with %d CPU threads", threads)
+
+
+def _num_layers(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
 
 
 def run_worker(settings: Settings) -> int:
@@ -224,6 +263,7 @@ def run_worker(settings: Settings) -> int:
     from loraplex.engine_factory import resolve_model_path
 
     configure_logging(settings.log_level, settings.log_format)
+    _set_train_threads(settings.train_threads)
     model_dir = Path(resolve_model_path(settings))
     store = build_job_store(settings)
     publisher = RegistryPublisher(settings, model_dir)

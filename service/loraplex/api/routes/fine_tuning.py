@@ -1,10 +1,10 @@
-"""/v1/fine_tuning/jobs: create (enqueue), list, get, cancel, events, checkpoints. Only enqueues: workers train."""
+"""/v1/fine_tuning/jobs: create (enqueue), list, get, cancel, events, checkpoints, report. Only enqueues: workers train."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from loraplex.api.deps import EngineDep, PrincipalDep, SettingsDep
 from loraplex.api.routes.files import FileStoreDep
@@ -13,6 +13,7 @@ from loraplex.api.schemas.fine_tuning import (
 )
 from loraplex.api.serving import fine_tuning
 from loraplex.training.jobs import JobStore
+from loraplex.training.report import render_png
 
 router = APIRouter(tags=["fine-tuning"])
 
@@ -31,7 +32,8 @@ async def create_job(
     request: Request, body: FineTuningJobCreate, store: JobStoreDep, files: FileStoreDep, settings: SettingsDep,
     principal: PrincipalDep, engine: EngineDep,
 ) -> FineTuningJobPublic:
-    job = await asyncio.to_thread(fine_tuning.create, store, files, settings, principal, engine.model_name, body)
+    job = await asyncio.to_thread(fine_tuning.create, store, files, settings, principal, engine.model_name,
+                                  engine.num_layers, body)
     if request.app.state.local_worker is not None:  # the embedded worker starts with the first job
         await asyncio.to_thread(request.app.state.local_worker.ensure_running)
     return job
@@ -62,3 +64,14 @@ async def list_events(job_id: str, store: JobStoreDep, principal: PrincipalDep, 
 async def list_checkpoints(job_id: str, store: JobStoreDep, principal: PrincipalDep, after: AfterQuery = None,
                            limit: LimitQuery = 10) -> CheckpointsPublic:
     return await asyncio.to_thread(fine_tuning.checkpoints_public, store, principal, job_id, after, limit)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/report", response_model=None,
+            responses={200: {"content": {"application/json": {}, "image/png": {}}}})
+async def get_report(job_id: str, store: JobStoreDep, principal: PrincipalDep,
+                     format: Literal["json", "png"] = "json") -> dict[str, Any] | Response:
+    """Loss curves and the base-vs-adapter comparison: JSON (built from the job's events) or a PNG of it."""
+    report = await asyncio.to_thread(fine_tuning.report, store, principal, job_id)
+    if format == "json":
+        return report
+    return Response(await asyncio.to_thread(render_png, report), media_type="image/png")

@@ -1,7 +1,9 @@
 """Fine-tuning bodies (OpenAI's shape): FineTuningJobCreate / FineTuningJobPublic / ...sPublic, events, checkpoints.
 
-LoRA extension: `lora_r`, `lora_alpha`, `lora_dropout` and `target_modules` go *inside* the
-hyperparameters object, beside OpenAI's three, wherever that object is sent:
+LoRA and transfer-learning extensions (`lora_r`, `lora_alpha`, `lora_dropout`, `target_modules`,
+`use_rslora`, `layers_to_transform`, `top_k_layers`, `layer_lr_decay`, `weight_decay`,
+`early_stopping_patience`, `validation_split`) go *inside* the hyperparameters object, beside OpenAI's
+three, wherever that object is sent:
 `method.supervised.hyperparameters` or the legacy top-level `hyperparameters`. Values are checked by
 `training.hyperparams` (not here), so every bad value is a 400 whose `param` is the field's own name.
 """
@@ -23,7 +25,14 @@ class HyperparametersIn(BaseModel):
     lora_r: Any = None  # default 8
     lora_alpha: Any = None  # default 2 * lora_r
     lora_dropout: Any = None  # default 0.0
-    target_modules: Any = None  # default: every projection the server can serve
+    target_modules: Any = None  # default: every projection the server can serve; or "attention" / "mlp" / "all"
+    use_rslora: Any = None  # default false: scaling alpha/r; true: alpha/sqrt(r)
+    layers_to_transform: Any = None  # default: every layer; a list of layer indices (0 = nearest the input)
+    top_k_layers: Any = None  # LoRA on the k layers nearest the output only ("freeze shallow, tune deep")
+    layer_lr_decay: Any = None  # default 1.0; layer l of L trains at lr * decay ** (L - 1 - l)
+    weight_decay: Any = None  # default 0.0; on the LoRA factors, pulls W' towards the pre-trained W
+    early_stopping_patience: Any = None  # default 3 epochs without a better validation loss; 0: off
+    validation_split: Any = None  # default 0.1 held out when there is no validation_file; 0: none
 
 
 class SupervisedIn(BaseModel):
@@ -45,6 +54,8 @@ class FineTuningJobCreate(BaseModel):
     hyperparameters: HyperparametersIn | None = None  # legacy placement, same fields
     integrations: list[Any] | None = None  # accepted for SDK compatibility, not used
     metadata: dict[str, str] | None = None
+    force_promotion: bool = Field(False, description="Make the adapter the latest version of its name even if "
+                                  "it does not beat the base model on the validation data.")
 
 
 class JobError(BaseModel):
@@ -74,6 +85,8 @@ class FineTuningJobPublic(BaseModel):
     integrations: list[Any] | None = None
     metadata: dict[str, str] | None = None
     user_provided_suffix: str | None = None
+    force_promotion: bool = False
+    evaluation: dict[str, Any] | None = None  # once succeeded: base vs adapter scores, forgetting, promotion
 
 
 class FineTuningJobsPublic(BaseModel):

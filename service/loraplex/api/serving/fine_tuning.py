@@ -20,14 +20,13 @@ from loraplex.config import Settings
 from loraplex.registry.auth import Principal
 from loraplex.registry.versioned_store import is_id_part
 from loraplex.training.files import FINE_TUNE, FileStore
-from loraplex.training.hyperparams import MAX_SEED, HyperparameterError
-from loraplex.training.jobs import (
-    LORA_FIELDS, OPENAI_FIELDS, JobNotFound, JobRecord, JobStore, job_hyperparameters, new_job_id, request_cancel,
-)
+from loraplex.training.hyperparams import EXTENSION_FIELDS, MAX_SEED, OPENAI_FIELDS, HyperparameterError, Hyperparameters
+from loraplex.training.report import build_report
+from loraplex.training.jobs import JobNotFound, JobRecord, JobStore, new_job_id, request_cancel
 
 
 def create(store: JobStore, files: FileStore, settings: Settings, principal: Principal, model_name: str,
-           body: FineTuningJobCreate) -> FineTuningJobPublic:
+           num_layers: int, body: FineTuningJobCreate) -> FineTuningJobPublic:
     if body.model != model_name:
         raise InvalidParameter(f"model must be the served base model {model_name!r}, got {body.model!r}", param="model")
     training = files.get(visible_tenant(principal), body.training_file, param="training_file")
@@ -39,12 +38,12 @@ def create(store: JobStore, files: FileStore, settings: Settings, principal: Pri
         raise InvalidParameter("suffix must match [a-z0-9][a-z0-9_.-]{0,39}: it names the adapter", param="suffix")
     requested = _requested_hyperparameters(body)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-    _check_hyperparameters(requested, seed, training.num_examples, settings)
+    _check_hyperparameters(requested, seed, training.num_examples, num_layers, settings)
     now = time.time_ns()
     job = JobRecord(
         id=new_job_id(), tenant=training.tenant, model=body.model, training_file=training.id,
         validation_file=body.validation_file, suffix=body.suffix, seed=seed, created_at=now // 10**9, order=now,
-        hyperparameters=requested,
+        hyperparameters=requested, force_promotion=body.force_promotion,
     )
     return to_public(store.create(job, settings.max_jobs_per_tenant))
 
@@ -82,16 +81,21 @@ def checkpoints_public(store: JobStore, principal: Principal, job_id: str, after
                              last_id=data[-1].id if data else None)
 
 
+def report(store: JobStore, principal: Principal, job_id: str) -> dict[str, Any]:
+    return build_report(get(store, principal, job_id), store.events(job_id))
+
+
 def to_public(job: JobRecord) -> FineTuningJobPublic:
     hyperparameters = {**job.hyperparameters}
     for name, value in (job.resolved_hyperparameters or {}).items():
-        if name in OPENAI_FIELDS + LORA_FIELDS:
+        if name in OPENAI_FIELDS + EXTENSION_FIELDS:
             hyperparameters[name] = list(value) if isinstance(value, tuple) else value
     return FineTuningJobPublic(
         id=job.id, model=job.model, created_at=job.created_at, finished_at=job.finished_at, status=job.status,
         fine_tuned_model=job.fine_tuned_model, training_file=job.training_file, validation_file=job.validation_file,
         hyperparameters=hyperparameters, trained_tokens=job.trained_tokens, error=job.error, seed=job.seed,
         estimated_finish=job.estimated_finish, organization_id=job.tenant, user_provided_suffix=job.suffix,
+        force_promotion=job.force_promotion, evaluation=job.evaluation,
         method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
     )
 
@@ -103,10 +107,11 @@ def _requested_hyperparameters(body: FineTuningJobCreate) -> dict[str, Any]:
     return {name: value for name, value in chosen.model_dump().items() if value is not None}
 
 
-def _check_hyperparameters(requested: dict[str, Any], seed: int, num_examples: int, settings: Settings) -> None:
+def _check_hyperparameters(requested: dict[str, Any], seed: int, num_examples: int, num_layers: int,
+                           settings: Settings) -> None:
     try:
-        hp = job_hyperparameters(requested, seed)
-        resolved = hp.resolve(num_examples, settings.max_lora_rank)
+        hp = Hyperparameters.from_request(requested, seed)
+        resolved = hp.resolve(num_examples, settings.max_lora_rank, num_layers)
     except (HyperparameterError, TypeError) as exc:
         param = getattr(exc, "param", None) or "hyperparameters"
         raise InvalidParameter(str(exc), param=param, code="invalid_hyperparameters") from None
