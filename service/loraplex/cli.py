@@ -124,8 +124,8 @@ def watch_job(url: str, api_key: str | None, job_id: str, poll_s: float = 1.0, o
 
 def progress_line(job: dict, metrics: dict | None, width: int = 30) -> str:
     step, total = (metrics["step"], metrics["total_steps"]) if metrics else (0, 0)
-    if job["status"] == "succeeded":
-        step = total = total or 1
+    if job["status"] == "succeeded" and not metrics:
+        step = total = 1
     filled = int(width * step / total) if total else 0
     loss = f"loss {metrics['train_loss']:.4f}" if metrics else "loss -"
     return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total or '?'} {loss} {job['status']:<16}"
