@@ -20,7 +20,8 @@ from loraplex.training.datasets import tokenize_dataset
 from loraplex.training.evaluation import score
 from loraplex.training.files import FileStore
 from loraplex.training.hyperparams import MODULE_PRESETS
-from loraplex.training.jobs import SUCCEEDED, LocalJobStore, JobRecord, new_job_id
+from loraplex.training.jobs import SUCCEEDED, JobRecord, new_job_id
+from loraplex.training.local_jobs import LocalJobStore
 from loraplex.training.promotion import evaluate_result
 from loraplex.training.transfer import layer_of, lora_config, param_groups
 from loraplex.training.worker import RegistryPublisher, Worker

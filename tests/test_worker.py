@@ -10,9 +10,11 @@ from loraplex.config import Settings
 from loraplex.models.demo import ensure_demo_model, make_demo_adapter
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import (
-    CANCELLED, FAILED, QUEUED, RUNNING, VALIDATING_FILES, JobNotFound, JobRecord, LocalJobStore, RedisJobStore,
-    TooManyJobs, make_event, new_job_id, reap_stale, request_cancel,
+    CANCELLED, FAILED, QUEUED, RUNNING, VALIDATING_FILES, JobNotFound, JobRecord, TooManyJobs, make_event, new_job_id,
+    reap_stale, request_cancel,
 )
+from loraplex.training.local_jobs import LocalJobStore
+from loraplex.training.redis_jobs import RedisJobStore
 from loraplex.training.worker import RegistryPublisher, Worker, settings_env
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
 

@@ -1,0 +1,134 @@
+"""The local job store (one machine; several processes agree through flock):
+
+    <data_dir>/.jobs/jobs/<job id>.json       the record, replaced atomically
+    <data_dir>/.jobs/events/<job id>.jsonl    events, appended
+    <data_dir>/.jobs/queue/<order>-<job id>   one empty file per queued job; a claim removes the oldest
+    <data_dir>/.jobs/.lock                    every write holds it
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from loraplex.training.jobs import (
+    ACTIVE, CLAIMED, QUEUED, VALIDATING_FILES, JobNotFound, JobRecord, TooManyJobs, is_job_id,
+)
+
+class LocalJobStore:
+    def __init__(self, data_dir: Path):
+        self.root = Path(data_dir) / ".jobs"
+        for sub in ("jobs", "events", "queue"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._thread_lock = threading.Lock()  # flock excludes processes, not threads sharing one fd
+        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def create(self, job: JobRecord, max_active_per_tenant: int) -> JobRecord:
+        with self._locked():
+            num_active = sum(1 for j in self._all() if j.tenant == job.tenant and j.status in ACTIVE)
+            if num_active >= max_active_per_tenant:
+                raise TooManyJobs(f"tenant {job.tenant} already has {num_active} active fine-tuning jobs "
+                                  f"(limit {max_active_per_tenant}); wait for one to finish or cancel one")
+            self._write(job)
+            (self.root / "queue" / f"{job.order:020d}-{job.id}").touch()
+        return job
+
+    def get(self, job_id: str) -> JobRecord:
+        if not is_job_id(job_id):
+            raise JobNotFound(job_id)
+        try:
+            return JobRecord.from_json((self.root / "jobs" / f"{job_id}.json").read_bytes())
+        except FileNotFoundError:
+            raise JobNotFound(job_id) from None
+
+    def list(self, tenant: str | None) -> list[JobRecord]:
+        jobs = [j for j in self._all() if tenant is None or j.tenant == tenant]
+        return sorted(jobs, key=lambda j: j.order, reverse=True)
+
+    def update(self, job_id: str, expect: Collection[str] | None = None, **changes: Any) -> JobRecord | None:
+        with self._locked():
+            job = self.get(job_id)
+            if expect is not None and job.status not in expect:
+                return None
+            job = replace(job, **changes)
+            self._write(job)
+            return job
+
+    def claim(self, worker_id: str) -> JobRecord | None:
+        with self._locked():
+            for entry in sorted((self.root / "queue").iterdir()):
+                entry.unlink(missing_ok=True)
+                job_id = entry.name.partition("-")[2]
+                try:
+                    job = self.get(job_id)
+                except JobNotFound:
+                    continue
+                if job.status == QUEUED:
+                    job = replace(job, status=VALIDATING_FILES, worker_id=worker_id, heartbeat_at=time.time())
+                    self._write(job)
+                    return job
+        return None
+
+    def requeue(self, job_id: str) -> None:
+        with self._locked():
+            job = self.get(job_id)
+            if job.status in CLAIMED:
+                self._write(replace(job, status=QUEUED, worker_id=None, heartbeat_at=None, step=0))
+                (self.root / "queue" / f"{0:020d}-{job_id}").touch()  # order 0: claimed before newer jobs
+
+    def heartbeat(self, job_id: str) -> None:
+        self.update(job_id, expect=CLAIMED, heartbeat_at=time.time())
+
+    def stale_jobs(self, stale_after_s: float) -> list[str]:
+        now = time.time()
+        return [j.id for j in self._all() if j.status in CLAIMED and now - (j.heartbeat_at or 0) > stale_after_s]
+
+    def add_event(self, job_id: str, event: dict[str, Any]) -> None:
+        with self._locked(), open(self.root / "events" / f"{job_id}.jsonl", "a") as out:
+            out.write(json.dumps(event) + "\n")
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        try:
+            lines = (self.root / "events" / f"{job_id}.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def close(self) -> None:
+        os.close(self._lock_fd)
+
+    def _all(self) -> Iterator[JobRecord]:
+        for path in (self.root / "jobs").glob("ftjob-*.json"):
+            try:
+                yield JobRecord.from_json(path.read_bytes())
+            except (OSError, ValueError, TypeError):
+                continue
+
+    def _write(self, job: JobRecord) -> None:
+        path = self.root / "jobs" / f"{job.id}.json"
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "w") as out:
+                out.write(job.to_json())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
