@@ -118,6 +118,7 @@ def test_finished_job_serves_its_adapter_without_restart(client):
     metrics = [e["data"] for e in events["data"] if e["type"] == "metrics"]
     assert metrics and metrics[0]["step"] == metrics[0]["total_steps"] == 16  # newest first
     assert all("train_loss" in m and 0 < m["progress"] <= 1 for m in metrics)
+    assert any(e["message"].startswith("Validation: 2 of the 16 training examples held out") for e in events["data"])
     first_page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=auth("acme"), params={"limit": 2}).json()
     after = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=auth("acme"),
                        params={"limit": 2, "after": first_page["data"][-1]["id"]}).json()

@@ -115,6 +115,8 @@ def lora_b_norm_by_layer(adapter_dir: Path) -> dict[int, float]:
 
 
 def test_layer_lr_decay_and_weight_decay_shape_the_update(demo_model_dir, tmp_path):
+    assert Hyperparameters(layers_to_transform=[2, 0, 2]).resolve(10, num_layers=4).layers_to_transform == (0, 2)
+    assert Hyperparameters(top_k_layers=3).resolve(10, num_layers=4).layers_to_transform == (1, 2, 3)
     hp = Hyperparameters(layer_lr_decay=0.5, weight_decay=0.1).resolve(10, num_layers=4)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_model_dir), lora_config(hp))
     scales = {group["layer"]: group["lr_scale"] for group in param_groups(model, hp, num_layers=4)}

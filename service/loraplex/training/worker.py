@@ -95,6 +95,7 @@ class Worker:
                              resolved_hyperparameters=resolved.to_dict()) is None:
             raise TrainingCancelled(0)  # cancelled or reaped meanwhile
         self.store.add_event(job.id, make_event("Fine-tuning job started."))
+        self.store.add_event(job.id, make_event(_validation_message(len(train), valid, hp)))
         result = train_lora(self.model_dir, train, hp, work_dir / "adapter", on_event=progress.on_event,
                             should_stop=progress.should_stop, validation=valid, device=self.settings.device,
                             max_lora_rank=self.settings.max_lora_rank, on_epoch=progress.on_epoch)
@@ -243,6 +244,16 @@ def _checkpoint(job: JobRecord, adapter_id: str, result) -> dict:
     return {"id": f"ftckpt-{job.id[6:]}", "object": "fine_tuning.job.checkpoint", "created_at": int(time.time()),
             "fine_tuned_model_checkpoint": adapter_id, "fine_tuning_job_id": job.id,
             "step_number": result.best_step or result.num_steps, "metrics": metrics}
+
+
+def _validation_message(num_examples: int, valid, hp: Hyperparameters) -> str:
+    if valid is not None:
+        return f"Validation: {len(valid)} examples from the validation file, scored after every epoch."
+    held_out = hp.num_held_out(num_examples)
+    if held_out:
+        return (f"Validation: {held_out} of the {num_examples} training examples held out (no validation file), "
+                f"scored after every epoch.")
+    return "Validation: none (no validation file and too few examples to hold some out); no early stopping, no comparison."
 
 
 def _set_train_threads(train_threads: int) -> None:
