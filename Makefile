@@ -3,13 +3,14 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 
-.PHONY: help setup redis run test test-slow bench
+.PHONY: help setup redis run test test-slow bench loadtest
 
 help:
 	@echo "make run        serve the demo model (CPU, no Redis; adapters under ./adapters)"
 	@echo "make test       fast test suite (what CI runs)"
 	@echo "make test-slow  tests marked slow"
 	@echo "make bench      load test (loadtest/bench.py)"
+	@echo "make loadtest   locust sweep: throughput and latency vs concurrency (docs/loadtest.json, .png)"
 
 setup:
 	@bash scripts/setup.sh
@@ -30,3 +31,7 @@ test-slow: setup redis
 
 bench: setup
 	$(PY) loadtest/bench.py
+
+# LOADTEST_* env vars shape the mix (loadtest/mix.py); ARGS for the runner, e.g. ARGS="--levels 1,4 --duration 20".
+loadtest: setup
+	$(PY) loadtest/sweep.py $(ARGS)

@@ -159,7 +159,7 @@ def test_fine_tuning_jobs_gauge_is_left_out_when_the_store_is_down():
 
     for store in (RedisJobStore(f"redis://127.0.0.1:{free_port()}"), HangingStore()):
         metrics = ServiceMetrics()
-        metrics.watch_jobs(lambda: store)
+        metrics.watch_jobs(lambda store=store: store)
         metrics.http_requests.labels("/x", "GET", "200").inc()
         start = time.monotonic()
         text = generate_latest(metrics.registry).decode()
