@@ -149,7 +149,7 @@ def test_fine_tuning_jobs_gauge_is_left_out_when_the_store_is_down():
     from prometheus_client import generate_latest
 
     from loraplex.api.metrics import ServiceMetrics
-    from loraplex.training.jobs import RedisJobStore
+    from loraplex.training.redis_jobs import RedisJobStore
     from tests.server_process import free_port
 
     class HangingStore:
