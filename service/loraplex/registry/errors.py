@@ -7,6 +7,8 @@ missing adapter and another tenant's private one read exactly the same (no exist
 """
 from __future__ import annotations
 
+import errno
+
 from loraplex.registry.adapter_config import InvalidAdapter, RegistryError
 from loraplex.registry.local_store import AdapterNotFound
 
@@ -19,10 +21,13 @@ __all__ = [
     "QuotaExceeded",
     "RegistryError",
     "RegistryUnavailable",
+    "StorageFull",
+    "StorageUnavailable",
     "Unauthorized",
     "error_code",
     "error_param",
     "http_status",
+    "storage_error",
 ]
 
 # Statuses of the classes defined before this module existed (they carry no attributes of their own).
@@ -77,6 +82,34 @@ class RegistryUnavailable(RegistryError):
 
     status = 503
     code = "registry_unavailable"
+
+
+class StorageFull(RegistryError):
+    """507 Insufficient Storage: the data volume (or a quota on it) is full. Not 503: retrying does not
+    help until an operator frees space; not 413: the request itself is within every limit."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class StorageUnavailable(RegistryUnavailable):
+    """503: the data volume cannot be written (read-only, permissions, I/O error); reads still work."""
+
+    code = "storage_unavailable"
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_UNWRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+def storage_error(exc: OSError, action: str) -> RegistryError | None:
+    """The typed error for a failed write of the data volume, or None for an OSError of another kind."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _FULL_ERRNOS:
+        return StorageFull(f"cannot {action}: the storage volume is full ({reason})")
+    if exc.errno in _UNWRITABLE_ERRNOS:
+        return StorageUnavailable(f"cannot {action}: storage is not writable ({reason})")
+    return None
 
 
 def http_status(exc: RegistryError) -> int:

@@ -55,9 +55,8 @@ class AdapterRegistry:
         Cheap enough for the event loop, so a burst of requests reaches the engine together."""
         with self._last_known_lock:
             record, resolved_at = self._last_known.get(adapter_id, (None, 0.0))
-        if record is None or time.monotonic() - resolved_at > FRESH_FOR_S:
-            return None
-        require_use(principal, record, adapter_id)
+        if record is None or time.monotonic() - resolved_at > FRESH_FOR_S or not can_use(principal, record):
+            return None  # another tenant's adapter takes the slow path, exactly like a missing one
         return record.lora_request()
 
     def lora_request(self, principal: Principal, adapter_id: str) -> LoraRequest:
@@ -67,12 +66,12 @@ class AdapterRegistry:
         except RegistryUnavailable:
             with self._last_known_lock:
                 record, _ = self._last_known.get(adapter_id, (None, 0.0))
-            if record is None:
-                raise
+            if record is None or not can_use(principal, record):
+                raise  # 503 for another tenant's adapter too: a 404 would tell it exists
             log.warning("registry unavailable: serving %s from the last known version", adapter_id)
         else:
-            self._remember(adapter_id, record)
-        require_use(principal, record, adapter_id)
+            require_use(principal, record, adapter_id)
+            self._remember(adapter_id, record)  # only what the caller may use: no cache warmed by probes
         return record.lora_request()
 
     def forget(self, tenant: str, name: str) -> None:
