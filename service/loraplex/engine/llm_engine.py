@@ -203,6 +203,12 @@ class LLMEngine:
     def evict_versions_of(self, adapter_id: str) -> None:
         """After a delete elsewhere: drop idle cached versions of `<tenant>/<name>` (busy ones finish first)."""
         prefix = adapter_id + "@"
+        merged = self.merged_key
+        if merged is not None and merged.startswith(prefix):  # else it would stay merged (and pinned) for good
+            self.merge_policy.modes[merged] = "unmerged"  # its running requests finish unmerged
+            self._apply_merge_policy()
+        for key in [k for k in self.merge_policy.modes if k.startswith(prefix)]:
+            del self.merge_policy.modes[key]
         for key in set(self.slots.resident_keys()) | set(self.host_cache.keys()):
             if key.startswith(prefix):
                 self.evict(key)

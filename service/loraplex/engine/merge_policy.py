@@ -36,6 +36,9 @@ class MergePolicy:
             old = self._window.popleft()
             self._totals.subtract(old)
             self._num_total -= sum(old.values())
+            for key in old:  # keys that left the window: else every adapter ever served stays here for good
+                if self._totals[key] <= 0:
+                    del self._totals[key]
         self._steps_since_switch += 1
 
     def desired(self, current: str | None) -> str | None:
