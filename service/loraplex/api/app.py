@@ -19,7 +19,9 @@ from loraplex import __version__
 from loraplex.api.errors import install_error_handlers
 from loraplex.api.drain import DrainState
 from loraplex.api.metrics import ServiceMetrics
-from loraplex.api.middleware import BodySizeLimitMiddleware, ObservabilityMiddleware, RequestIdMiddleware
+from loraplex.api.middleware import (
+    BodySizeLimitMiddleware, ControlCharacterPathMiddleware, ObservabilityMiddleware, RequestIdMiddleware,
+)
 from loraplex.api.routes import ROUTERS
 from loraplex.config import Settings
 from loraplex.engine.async_engine import AsyncEngine
@@ -50,6 +52,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.metrics.watch_jobs(lambda: app.state.job_store)  # read at scrape time; None until the lifespan opens it
     app.state.drain = DrainState()
     install_error_handlers(app)
+    app.add_middleware(ControlCharacterPathMiddleware)  # innermost: counted, logged and given a request id
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes,
                        max_bytes_by_path={"/v1/adapters": settings.max_adapter_bytes + MULTIPART_SLACK,
                                           "/v1/files": settings.max_file_bytes + MULTIPART_SLACK})

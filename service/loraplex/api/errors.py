@@ -111,6 +111,9 @@ def to_api_error(exc: Exception) -> APIError:
         return RateLimited(str(exc) or "Server is at capacity.", headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, engine_errors.EngineNotRunningError):
         return ServiceUnavailable(str(exc) or "The engine is not running.", headers={"Retry-After": "1"})
+    if isinstance(exc, OSError) and (storage := registry_errors.storage_error(exc, "write to storage")) is not None:
+        log.error("storage failure: %s", exc)  # a full or read-only volume: 507/503, not a 500 "bug"
+        return _registry_error(storage)
     log.error("unhandled error", exc_info=exc)
     return InternalError("Internal server error.")
 
@@ -135,7 +138,7 @@ def error_body(error: APIError) -> dict[str, Any]:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    for known in (APIError, engine_errors.EngineError, RegistryError):
+    for known in (APIError, engine_errors.EngineError, RegistryError, OSError):  # OSError: a full or read-only volume
         app.add_exception_handler(known, _on_any_error)
     app.add_exception_handler(Exception, _on_any_error)  # bugs: logged, 500 envelope (then re-raised by Starlette)
 

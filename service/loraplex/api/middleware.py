@@ -10,7 +10,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.api.drain import UNCOUNTED_PATHS, DrainState
-from loraplex.api.errors import PayloadTooLarge, RequestTooLarge, ServiceUnavailable, error_response
+from loraplex.api.errors import APIError, PayloadTooLarge, RequestTooLarge, ServiceUnavailable, error_response
 from loraplex.api.log_config import request_id_var
 from loraplex.api.metrics import ServiceMetrics
 
@@ -19,6 +19,7 @@ log = logging.getLogger("loraplex.access")
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_KEY = "loraplex.request_id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # also safe inside engine ids and logs
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def request_id_of(scope: Scope) -> str:
@@ -45,6 +46,20 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class ControlCharacterPathMiddleware:
+    """404 for a path holding a control character once percent-decoded: no route or id has one, and a
+    Starlette route pattern ends in `$`, which also matches before a final newline, so without this
+    `/v1/adapters/acme/x%0A` would be served as `acme/x` (one resource, two spellings)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _CONTROL_CHARACTER.search(scope["path"]):
+            return await error_response(APIError("Not Found", code="not_found", status_code=404))(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimitMiddleware:

@@ -8,7 +8,7 @@ from fastapi import UploadFile
 from loraplex.api.errors import InvalidParameter, PayloadTooLarge
 from loraplex.api.schemas.files import FilePublic, FilesPublic
 from loraplex.registry.auth import Principal
-from loraplex.registry.errors import Forbidden
+from loraplex.registry.errors import Forbidden, storage_error
 from loraplex.registry.versioned_store import is_id_part
 from loraplex.training.datasets import DatasetError
 from loraplex.training.files import PURPOSES, FileRecord, FileStore
@@ -25,6 +25,8 @@ async def upload(store: FileStore, principal: Principal, file: UploadFile, purpo
         record = await asyncio.to_thread(store.create, owner, file.filename or "upload.jsonl", purpose, data)
     except DatasetError as exc:
         raise InvalidParameter(str(exc), param="file", code="invalid_file_format") from None
+    except OSError as exc:
+        raise storage_error(exc, f"store the file for tenant {owner}") or exc from exc
     return to_public(record)
 
 
