@@ -2,6 +2,8 @@
 /startupz (model loaded); and the Prometheus scrape endpoint /metrics."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -34,4 +36,6 @@ async def startupz(request: Request) -> dict[str, str]:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Off the event loop: collectors read the job store (up to a bounded wait) and the engine's stats.
+    body = await asyncio.to_thread(generate_latest, request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
