@@ -345,6 +345,24 @@ def test_sigkill_and_restart_lose_nothing_and_queued_jobs_still_run(tmp_path, ad
             os.kill(pid, 9)
 
 
+def test_what_a_kill_left_in_staging_and_trash_is_swept_at_the_next_start(tmp_path):
+    """A put killed mid-way leaves a staging dir, a delete killed before its rmtree a trash dir: invisible
+    to every reader, but disk space lost for good. The next start removes them (fresh staging dirs stay:
+    on a shared volume another replica may be writing one)."""
+    from loraplex.registry.versioned_store import STAGING_LEFTOVER_AGE_S, VersionedAdapterStore
+
+    VersionedAdapterStore(tmp_path)
+    old_put, fresh_put = tmp_path / ".staging" / "put-old", tmp_path / ".staging" / "put-fresh"
+    killed_delete = tmp_path / ".trash" / "acme.gone.0123"
+    for directory in (old_put, fresh_put, killed_delete):
+        directory.mkdir()
+        (directory / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    long_ago = time.time() - STAGING_LEFTOVER_AGE_S - 60
+    os.utime(old_put, (long_ago, long_ago))
+    VersionedAdapterStore(tmp_path)  # a restart
+    assert not old_put.exists() and not killed_delete.exists() and fresh_put.exists()
+
+
 # --- a full volume, a read-only volume ----------------------------------------------------------------------
 @contextmanager
 def mounted_tmpfs(path: Path, size: str):
@@ -458,14 +476,15 @@ def test_a_read_only_volume_is_503_and_reads_keep_working(volume_app, adapter_by
 
 @pytest.mark.slow
 def test_a_volume_that_fills_up_while_training_fails_the_job_cleanly(tmp_path, demo_model_dir):
-    """The worker's adapter cannot be written: the job ends failed (never stuck), nothing is published."""
+    """The worker cannot write (checkpoints, the adapter, even the job record): while the volume is full no
+    state can change, and once space is back the job ends failed (never stuck), nothing is published."""
     with mounted_tmpfs(tmp_path / "volume", "3m") as volume:
         server = ServerProcess(volume / "data", tmp_path / "server.log", model=str(demo_model_dir), served_model_name="demo",
                                start_local_worker="true", **{**SERVER_SETTINGS, "job_stale_after_s": 5})
         try:
             server.wait_ready()
             with httpx.Client(base_url=server.url, timeout=30) as c:
-                long_set = b"".join(b'{"prompt": "Q%d: what colour?", "completion": " zebra"}\n' % i for i in range(400))
+                long_set = b"".join(b'{"prompt": "Q%d: what colour?", "completion": " zebra"}\n' % i for i in range(100))
                 file_id = upload_file(c, "acme", long_set).json()["id"]
                 job = c.post("/v1/fine_tuning/jobs", headers=auth("acme"), json={
                     "model": "demo", "training_file": file_id, "suffix": "full",
@@ -476,9 +495,11 @@ def test_a_volume_that_fills_up_while_training_fails_the_job_cleanly(tmp_path, d
 
                 assert eventually(lambda: status()["status"] == "running", 90, 0.2), status()
                 filler = fill(volume)
-                done = eventually(lambda: status() if status()["status"] in ("succeeded", "failed", "cancelled") else None,
-                                  120, 0.5)
+                time.sleep(5)  # the worker hits the full volume
+                assert status()["status"] == "running"  # nothing can be written meanwhile, not even "failed"
                 filler.unlink()
+                done = eventually(lambda: status() if status()["status"] in ("succeeded", "failed", "cancelled") else None,
+                                  60, 0.5)
                 assert done and done["status"] == "failed", done
                 assert done["error"]["message"], done
                 assert c.get("/v1/adapters/acme/full", headers=auth("acme")).status_code == 404

@@ -84,9 +84,10 @@ class RegistryUnavailable(RegistryError):
     code = "registry_unavailable"
 
 
-class StorageFull(RegistryError):
+class StorageFull(RegistryUnavailable):
     """507 Insufficient Storage: the data volume (or a quota on it) is full. Not 503: retrying does not
-    help until an operator frees space; not 413: the request itself is within every limit."""
+    help until an operator frees space; not 413: the request itself is within every limit. Still a kind
+    of RegistryUnavailable for callers that catch that (storing failed, nothing was stored)."""
 
     status = 507
     code = "insufficient_storage"

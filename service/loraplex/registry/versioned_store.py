@@ -214,6 +214,7 @@ class VersionedAdapterStore:
         self._locks_guard = threading.Lock()
         for hidden in (".staging", ".trash", ".locks"):
             (self.data_dir / hidden).mkdir(parents=True, exist_ok=True)
+        _sweep_leftovers(self.data_dir)
 
     def put(self, tenant: str, name: str, files: Mapping[str, bytes], validated: ValidatedAdapter, shared: bool = False,
             promote: bool = True) -> AdapterVersion:
@@ -324,6 +325,29 @@ class VersionedAdapterStore:
         with lock, open(self.data_dir / ".locks" / f"{tenant}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
             yield
+
+
+STAGING_LEFTOVER_AGE_S = 3600.0  # a put stages for seconds: an older staging dir was left by a crash
+
+
+def _sweep_leftovers(data_dir: Path) -> None:
+    """What a killed process left: half-written puts in `.staging/` (only old ones: on a shared volume a
+    replica may be staging one right now) and unfinished deletes in `.trash/` (all: they are already gone)."""
+    now = time.time()
+    for hidden, min_age_s in ((".staging", STAGING_LEFTOVER_AGE_S), (".trash", 0.0)):
+        try:
+            entries = list(os.scandir(data_dir / hidden))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime >= min_age_s:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+            except OSError:
+                continue  # removed meanwhile, or a read-only volume: nothing to do
 
 
 def _new_record(tenant: str, name: str, version: int, validated: ValidatedAdapter, shared: bool, adapter_dir: Path) -> AdapterVersion:
