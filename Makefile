@@ -11,6 +11,7 @@ help:
 	@echo "make test-slow  tests marked slow"
 	@echo "make bench      load test (loadtest/bench.py)"
 	@echo "make loadtest   locust sweep: throughput and latency vs concurrency (docs/loadtest.json, .png)"
+	@echo "make soak       1000 adapter lifecycles + 10 min mixed load, server RSS/fds sampled (docs/soak.json)"
 
 setup:
 	@bash scripts/setup.sh
@@ -35,3 +36,8 @@ bench: setup
 # LOADTEST_* env vars shape the mix (loadtest/mix.py); ARGS for the runner, e.g. ARGS="--levels 1,4 --duration 20".
 loadtest: setup
 	$(PY) loadtest/sweep.py $(ARGS)
+
+# Leak hunt against a real server (about 13 min); ARGS for the runner, e.g. ARGS="--cycles 60 --minutes 0.5 --out /tmp/soak.json".
+.PHONY: soak
+soak: setup
+	$(PY) loadtest/soak.py $(ARGS)
