@@ -9,6 +9,7 @@ help:
 	@echo "make run        serve the demo model (CPU, no Redis; adapters under ./adapters)"
 	@echo "make test       fast test suite (what CI runs)"
 	@echo "make test-slow  tests marked slow"
+	@echo "make fuzz       long schemathesis fuzz of every API operation (FUZZ_EXAMPLES=200 per operation and mode)"
 	@echo "make bench      load test (loadtest/bench.py)"
 	@echo "make loadtest   locust sweep: throughput and latency vs concurrency (docs/loadtest.json, .png)"
 	@echo "make soak       1000 adapter lifecycles + 10 min mixed load, server RSS/fds sampled (docs/soak.json)"
@@ -29,6 +30,12 @@ test: setup redis
 
 test-slow: setup redis
 	$(PY) -m pytest -m slow -q
+
+# The same test CI runs with 6 examples (tests/test_fuzz_api.py), with random seeds and every coverage case.
+.PHONY: fuzz
+FUZZ_EXAMPLES ?= 200
+fuzz: setup
+	LORAPLEX_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz_api.py -q
 
 bench: setup
 	$(PY) loadtest/bench.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from loraplex.api.errors import ServiceUnavailable
 from loraplex.api.middleware import request_id_of
@@ -36,7 +37,12 @@ def get_registry(request: Request) -> AdapterRegistry:
     return registry
 
 
-def get_principal(request: Request) -> Principal:
+# Declares the bearer scheme in the OpenAPI schema (and on each route that authenticates); the raw header is
+# still what `authenticate` reads, so a malformed one gets our 401, not FastAPI's.
+_bearer_scheme = HTTPBearer(auto_error=False, description="`<key>` from LORAPLEX_API_KEYS, or the admin key.")
+
+
+def get_principal(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)]) -> Principal:
     state = request.app.state
     return authenticate(request.headers.get("authorization"), state.api_keys, state.settings.admin_key)
 

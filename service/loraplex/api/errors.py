@@ -5,7 +5,9 @@ FastAPI's own failures (validation, unknown route, wrong method, oversized body)
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -126,8 +128,16 @@ def _registry_error(exc: RegistryError) -> APIError:
     return APIError(str(exc), registry_errors.error_param(exc), headers, code=code, status_code=status)
 
 
+class EnvelopeResponse(JSONResponse):
+    """ASCII-escaped JSON: a message may quote the caller's input (a model id, a parameter), and no input,
+    not even a lone surrogate, may turn the refusal of it into a failure to encode the refusal."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error), status_code=error.status_code, headers=error.headers)
+    return EnvelopeResponse(error_body(error), status_code=error.status_code, headers=error.headers)
 
 
 def error_body(error: APIError) -> dict[str, Any]:
@@ -136,6 +146,7 @@ def error_body(error: APIError) -> dict[str, Any]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    _publish_errors_in_openapi(app)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     for known in (APIError, engine_errors.EngineError, RegistryError, OSError):  # OSError: a full or read-only volume
@@ -152,15 +163,105 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     if first.get("type") == "json_invalid":
         message = f"Request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}"
         return error_response(InvalidParameter(message))
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-    message = str(first.get("msg", "Invalid request.")).removeprefix("Value error, ")
+    if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: absent, or not an object
+        return error_response(InvalidParameter(_WHOLE_BODY_MESSAGES.get(first.get("type"), str(first.get("msg")))))
+    param = _param_of(first.get("loc", ()))
+    # A union field (`stop: str | list[str]`) fails once per alternative: one message naming them all.
+    reasons = [str(e.get("msg", "")).removeprefix("Value error, ") for e in exc.errors() if _param_of(e.get("loc", ())) == param]
+    message = " or ".join(dict.fromkeys(reasons[:4])) or str(first.get("msg", "Invalid request."))
     return error_response(InvalidParameter(f"{param}: {message}" if param else message, param=param))
 
 
 async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     headers = getattr(exc, "headers", None)
     code = _HTTP_CODES.get(exc.status_code)
-    return error_response(APIError(str(exc.detail), headers=headers, code=code, status_code=exc.status_code))
+    message = _unparsable_body_message(exc.__cause__) or str(exc.detail)
+    return error_response(APIError(message, headers=headers, code=code, status_code=exc.status_code))
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+def _param_of(loc: tuple) -> str | None:
+    """("body", "stop", "list[str]", 0) -> "stop.0": no location prefix, no pydantic union tags."""
+    parts = list(loc[1:] if loc and loc[0] in _LOCATIONS else loc)
+    return ".".join(str(p) for p in parts if not (isinstance(p, str) and _UNION_TAG.fullmatch(p))) or None
+
+
+def _unparsable_body_message(cause: BaseException | None) -> str | None:
+    """FastAPI answers "There was an error parsing the body" for every body it cannot decode; its cause says why."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"Request body is not valid UTF-8 (invalid byte at position {cause.start})."
+    if isinstance(cause, RecursionError):
+        return "Request body cannot be parsed: it nests too deeply."
+    if isinstance(cause, ValueError):  # e.g. a JSON integer over Python's digit limit
+        return f"Request body cannot be parsed: {cause}"
+    return None
+
+
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+_UNION_TAG = re.compile(r"str|int|float|bool|bytes|none|[a-z-]+\[.*\]")  # `list[int]`, `function-after[...]`
+_HTTP_CODES = {400: "invalid_request_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_WHOLE_BODY_MESSAGES = {
+    "missing": "Request body is required: send a JSON object (Content-Type: application/json).",
+    "model_attributes_type": "Request body must be a JSON object (Content-Type: application/json).",
+    "dict_type": "Request body must be a JSON object (Content-Type: application/json).",
+}
+
+
+# --- the envelope in the published OpenAPI schema ----------------------------------------------------
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid parameters, body or adapter (the message and `param` say which).",
+    401: "Missing or unknown API key.",
+    403: "Not allowed: an admin action, another tenant's upload, a quota.",
+    404: "Unknown route object, or one of another tenant (the same answer for both).",
+    413: "Request body or upload over its size limit.",
+    429: "Queue full or tenant rate limit; retry after `Retry-After` seconds.",
+    503: "Model loading, server draining or storage unavailable; retry after `Retry-After` seconds.",
+    507: "The storage volume is full.",
+}
+_PROBES = ("/readyz", "/startupz")
+_WRITES_STORAGE = {"adapters", "files", "fine-tuning"}  # router tags whose changes land on the data volume
+
+
+def _publish_errors_in_openapi(app: FastAPI) -> None:
+    """Every operation documents the envelope under the statuses it can answer, instead of the 422
+    `HTTPValidationError` FastAPI would advertise and this service never sends (validation is a 400)."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _describe_errors(build_schema())  # FastAPI caches what it built in app.openapi_schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _describe_errors(schema: dict[str, Any]) -> None:
+    envelope = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(envelope.pop("$defs", {}), ErrorResponse=envelope)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for status in _error_statuses(path, method, operation):
+                responses[str(status)] = {
+                    "description": _ERROR_DESCRIPTIONS[status],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                }
+
+
+def _error_statuses(path: str, method: str, operation: dict[str, Any]) -> list[int]:
+    statuses = []
+    if operation.get("parameters") or operation.get("requestBody"):
+        statuses.append(400)
+    if operation.get("security"):  # every authenticated route: auth, ownership, limits, availability
+        statuses += [401, 403, 404, 429, 503]
+    elif path in _PROBES:
+        statuses.append(503)
+    if operation.get("requestBody"):
+        statuses.append(413)
+    if method != "get" and _WRITES_STORAGE & set(operation.get("tags", ())):
+        statuses.append(507)
+    return sorted(statuses)

@@ -30,6 +30,7 @@ __all__ = [
     "storage_error",
 ]
 
+_NAMED_IN_MESSAGE = ("adapter_config.json", "adapter_model.safetensors", "archive")
 # Statuses of the classes defined before this module existed (they carry no attributes of their own).
 _REUSED_STATUS_AND_CODE: dict[type[RegistryError], tuple[int, str]] = {
     AdapterNotFound: (404, "adapter_not_found"),
@@ -38,10 +39,14 @@ _REUSED_STATUS_AND_CODE: dict[type[RegistryError], tuple[int, str]] = {
 
 
 class InvalidAdapterFile(InvalidAdapter):
-    """An uploaded file or field is refused; `param` names it (`adapter_model.safetensors`, `r`...)."""
+    """An uploaded file or field is refused; `param` names it (`adapter_model.safetensors`, `r`...).
+    The message names the file too (`... cannot be served: adapter_config.json: not valid JSON`) unless
+    the reason already does, so it reads on its own, without `param`."""
 
     def __init__(self, reason: str, param: str, adapter_id: str = "upload"):
-        super().__init__(adapter_id, reason)
+        shown = f"{param}: {reason}" if param in _NAMED_IN_MESSAGE and param not in reason else reason
+        super().__init__(adapter_id, shown)
+        self.reason = reason  # as given: re-raising with another adapter id adds the name once
         self.param = param
 
 

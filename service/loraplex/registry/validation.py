@@ -101,7 +101,7 @@ def parse_config(config_bytes: bytes) -> dict[str, Any]:
         raise InvalidAdapterFile(f"larger than {MAX_CONFIG_BYTES} bytes", CONFIG_FILE)
     try:
         config = json.loads(config_bytes)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors; deep nesting is not
         raise InvalidAdapterFile("not valid JSON", CONFIG_FILE) from None
     if not isinstance(config, dict):
         raise InvalidAdapterFile("must hold a JSON object", CONFIG_FILE)
@@ -175,7 +175,7 @@ def _header_json(raw: bytes) -> dict[str, Any]:
 
     try:
         header = json.loads(raw, object_pairs_hook=refuse_duplicates)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _weights_error("header is not valid JSON (header length wrong?)") from None
     if not isinstance(header, dict):
         raise _weights_error("header must be a JSON object")

@@ -153,6 +153,8 @@ def _parse_line(raw: bytes, max_line_bytes: int) -> tuple[DatasetFormat, Example
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:  # not a ValueError: it would escape as a server error
+        raise ValueError("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
     has_chat = "messages" in obj
@@ -170,6 +172,7 @@ def _parse_prompt_completion(obj: dict[str, Any]) -> PromptCompletion:
     for key in ("prompt", "completion"):
         if not isinstance(obj.get(key), str):
             raise ValueError(f"'{key}' must be a string")
+        _require_unicode(obj[key], f"'{key}'")
     if not obj["completion"]:
         raise ValueError("'completion' is empty: there is nothing to train on")
     return PromptCompletion(obj["prompt"], obj["completion"])
@@ -195,12 +198,21 @@ def _parse_message(index: int, message: Any) -> ChatMessage:
         raise ValueError(f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}")
     if not isinstance(message.get("content"), str):
         raise ValueError(f"{where}.content must be a string")
+    _require_unicode(message["content"], f"{where}.content")
     weight = message.get("weight", 1)
     if weight not in (0, 1) or isinstance(weight, bool):
         raise ValueError(f"{where}.weight must be 0 or 1")
     if weight == 0 and role != "assistant":
         raise ValueError(f"{where}.weight is only meaningful on assistant messages")
     return ChatMessage(role, message["content"], weight)
+
+
+def _require_unicode(text: str, where: str) -> None:
+    """JSON can escape a lone surrogate (`"\\ud800"`); no tokenizer can encode one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where} is not valid Unicode (a lone surrogate at character {exc.start})") from None
 
 
 def tokenize_example(tokenizer, example: Example, max_len: int) -> tuple[list[int], list[int]]:

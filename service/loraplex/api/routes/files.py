@@ -47,7 +47,8 @@ async def get_file(file_id: str, store: FileStoreDep, principal: PrincipalDep) -
     return files.to_public(await asyncio.to_thread(files.get, store, principal, file_id))
 
 
-@router.get("/v1/files/{file_id}/content")
+@router.get("/v1/files/{file_id}/content", response_class=Response, responses={
+    200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}, "description": "The file as uploaded."}})
 async def get_file_content(file_id: str, store: FileStoreDep, principal: PrincipalDep) -> Response:
     record = await asyncio.to_thread(files.get, store, principal, file_id)
     return Response(await asyncio.to_thread(store.content, record), media_type="application/jsonl")

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from loraplex.api.deps import GenerationContextDep
 from loraplex.api.schemas.tgi import GenerateRequest, GenerateResponse
 from loraplex.api.serving import tgi
-from loraplex.api.serving.sse import SSEResponse
+from loraplex.api.serving.sse import STREAM_ONLY_RESPONSES, STREAM_RESPONSES, SSEResponse
 
 router = APIRouter(tags=["tgi"])
 
@@ -22,12 +22,12 @@ async def generate(body: GenerateRequest, ctx: GenerationContextDep) -> Generate
     return await tgi.generate(body, ctx)
 
 
-@router.post("/generate_stream", response_class=SSEResponse)
+@router.post("/generate_stream", response_class=SSEResponse, responses=STREAM_ONLY_RESPONSES)
 async def generate_stream(body: GenerateRequest, ctx: GenerationContextDep) -> SSEResponse:
     return await tgi.generate_stream(body, ctx)
 
 
-@router.post("/", response_model=list[GenerateResponse], response_model_exclude_none=True)
+@router.post("/", response_model=list[GenerateResponse], response_model_exclude_none=True, responses=STREAM_RESPONSES)
 async def compat_generate(body: GenerateRequest, ctx: GenerationContextDep) -> list[GenerateResponse] | SSEResponse:
     """TGI's compat route: `stream` in the body picks SSE or a one-element list."""
     if body.stream:

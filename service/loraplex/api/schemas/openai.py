@@ -1,7 +1,8 @@
 """OpenAI-compatible request and response bodies for /v1/completions, /v1/chat/completions, /v1/models.
 
-Requests are strict (`extra="forbid"`): a parameter we do not implement is a 400 naming it, never a
-silently different result. Limits that depend on settings (stop count, context) are checked in serving.
+Requests are strict: a parameter we do not implement is a 400 naming it (`extra="forbid"`), never a
+silently different result, and a value of the wrong JSON type is a 400 too (`strict`: `true` is no
+seed, `"16"` no max_tokens), as the published schema says. Limits that depend on settings (stop count, context) are checked in serving.
 """
 from __future__ import annotations
 
@@ -13,8 +14,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_SEED = 2**63 - 1
 
 
+def require_unicode(value: Any) -> Any:
+    """Pydantic refuses a lone surrogate (JSON `"\\ud800"`) in a plain `str` field but lets one through a
+    union with `str`; the tokenizer then fails on it. Strings in the value must be encodable as UTF-8."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for text in filter(lambda item: isinstance(item, str), texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"not valid Unicode: a lone surrogate at character {exc.start}") from None
+    return value
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):
@@ -42,6 +55,8 @@ class SamplingRequest(_Request):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, max_length=256)
+
+    _stop_is_unicode = field_validator("stop")(require_unicode)
 
     @field_validator("n")
     @classmethod
@@ -89,6 +104,8 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = None
     suffix: str | None = None
 
+    _prompt_is_unicode = field_validator("prompt")(require_unicode)
+
     @field_validator("echo")
     @classmethod
     def _no_echo(cls, echo: bool) -> bool:
@@ -127,6 +144,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    _content_is_unicode = field_validator("content")(require_unicode)
 
     @property
     def text(self) -> str:

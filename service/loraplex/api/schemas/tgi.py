@@ -32,7 +32,7 @@ _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 
 
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # wrong JSON types are refused, not coerced
 
     adapter_id: str | None = Field(None, max_length=256, description="LoRAX: `<tenant>/<name>`; null = base model.")
     max_new_tokens: int | None = Field(None, ge=1)
@@ -76,7 +76,7 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: str = Field(min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)

@@ -73,5 +73,6 @@ async def admin_action(engine: AsyncEngine, registry: AdapterRegistry, principal
     }
     if not await engine.call(actions[action]):
         reason = "requests are using it" if action == "evict" else "every device slot is pinned or in use"
-        raise ServiceUnavailable(f"cannot {action} {adapter_id} now: {reason}", headers={"Retry-After": "1"})
+        raise ServiceUnavailable(f"cannot {action} {adapter_id} now: {reason}", headers={"Retry-After": "1"},
+                                 code="adapter_busy")
     return await to_public(engine, record)

@@ -16,6 +16,7 @@ from loraplex.api.serving.context import GenerationContext
 from loraplex.engine.types import LoraRequest, SamplingParams
 
 OPENAI_SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos"}
+MIN_SAMPLING_TEMPERATURE = 1e-5  # below it sampling is greedy anyway; 1e-300 would overflow the logits
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,13 @@ def stop_strings(stop: list[str], max_stop_sequences: int, param: str = "stop") 
 
 
 def sampling_params(max_tokens: int, stop: tuple[str, ...], **fields: Any) -> SamplingParams:
-    """SamplingParams with the wire's nulls replaced by neutral values (top_k -1 or 0: disabled)."""
+    """SamplingParams with the wire's nulls replaced by neutral values (top_k -1 or 0: disabled), and a
+    temperature too small to divide logits by (they overflow to inf, the softmax to NaN) made greedy."""
     top_k = fields.get("top_k")
+    temperature = 1.0 if fields.get("temperature") is None else fields["temperature"]
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if fields.get("temperature") is None else fields["temperature"],
+        temperature=0.0 if temperature < MIN_SAMPLING_TEMPERATURE else temperature,
         top_p=1.0 if fields.get("top_p") is None else fields["top_p"],
         top_k=0 if top_k is None or top_k < 0 else top_k,
         seed=fields.get("seed"),

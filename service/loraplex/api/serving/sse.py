@@ -12,6 +12,12 @@ from loraplex.api.errors import error_body, to_api_error
 
 DONE_FRAME = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The OpenAPI description of a stream: each event's `data` is one JSON chunk, or `[DONE]` (OpenAI) at the end.
+_EVENT_SCHEMA = {"type": "object", "required": ["data"],
+                 "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+STREAM_RESPONSES = {200: {"content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
+                          "description": "JSON, or server-sent events when the body asks for `stream: true`."}}
+STREAM_ONLY_RESPONSES = {200: {"content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}, "description": "Server-sent events."}}
 
 
 def frame(payload: BaseModel | dict, prefix: str = "data: ") -> str:
