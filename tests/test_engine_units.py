@@ -111,6 +111,17 @@ def test_sampler_greedy_topk1_and_seeded_rows():
     torch.testing.assert_close(logprobs[0], torch.log_softmax(logits[0], -1)[tokens[0]])
 
 
+def test_a_row_with_non_finite_probabilities_decodes_greedily_and_spares_the_batch():
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("inf")  # overflowed logits: softmax gives NaN for the whole row
+    params = [SamplingParams(temperature=1.0, seed=1)] * 3
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    tokens, _ = sample(logits, params, gens)
+    assert tokens[1] == 7
+    healthy, _ = sample(logits[[0, 2]], [params[0], params[2]], [torch.Generator().manual_seed(i) for i in (0, 2)])
+    assert tokens[[0, 2]].tolist() == healthy.tolist()  # the other rows sample exactly as without it
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([[5.0, 4.9, -10.0, -10.0]])
     params = [SamplingParams(temperature=1.0, top_p=0.4)]

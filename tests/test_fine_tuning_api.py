@@ -265,6 +265,9 @@ def test_bad_requests_name_what_is_wrong(queue_only):
     response = create_job(c, "acme", acme_file, validation_file=globex_file)
     assert response.status_code == 404 and response.json()["error"]["param"] == "validation_file"
     assert create_job(c, "acme", acme_file, suffix="../x").json()["error"]["param"] == "suffix"
+    for field, value in (("seed", True), ("force_promotion", 0), ("suffix", 5)):  # no coercion
+        response = create_job(c, "acme", acme_file, **{field: value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
     legacy = c.post("/v1/fine_tuning/jobs", headers=auth("acme"),
                     json={"model": "demo", "training_file": acme_file, "hyperparameters": {"n_epochs": 0}})
     assert legacy.status_code == 400 and legacy.json()["error"]["param"] == "n_epochs"

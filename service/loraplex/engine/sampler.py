@@ -15,11 +15,20 @@ def sample(
     sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
-        probs = _filtered_probs(logits.index_select(0, rows), [params[i] for i in sampled_rows])  # [m, V]
+        subset = logits.index_select(0, rows)  # [m, V]
+        probs = _finite_or_greedy(_filtered_probs(subset, [params[i] for i in sampled_rows]), subset)  # [m, V]
         for j, i in enumerate(sampled_rows):
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [n]
     return tokens, chosen
+
+
+def _finite_or_greedy(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Rows whose probabilities are not finite (overflowing logits, a degenerate temperature) become
+    one-hot on their argmax: that request decodes greedily instead of failing the whole batch's step."""
+    is_bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)  # [m, 1]
+    greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)  # [m, V]
+    return torch.where(is_bad, greedy, probs)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -36,15 +36,21 @@ class HyperparametersIn(BaseModel):
 
 
 class SupervisedIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     hyperparameters: HyperparametersIn | None = None
 
 
 class MethodIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["supervised"] = "supervised"
     supervised: SupervisedIn | None = None
 
 
 class FineTuningJobCreate(BaseModel):
+    model_config = ConfigDict(strict=True)  # "seed": true or "force_promotion": 0 is a 400, not coerced
+
     model: str = Field(max_length=256)
     training_file: str = Field(max_length=64)
     validation_file: str | None = Field(None, max_length=64)
