@@ -463,6 +463,13 @@ def run_soak(num_cycles: int, mixed_s: float, concurrency: int = 4, sample_s: fl
         server.stop()
 
 
+def report_text(result: dict) -> str:
+    """The report as JSON, one line per sample (thousands of them), the rest indented."""
+    head = json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1)
+    rows = ",\n  ".join(json.dumps(sample) for sample in result["samples"])
+    return f'{head[:-2]},\n "samples": [\n  {rows}\n ]\n}}\n'
+
+
 def summary_lines(result: dict) -> list[str]:
     lines = [f"baseline: RSS {result['baseline']['rss_mb']} MB, {result['baseline']['fds']} fds; "
              f"settled after the run: RSS {result['settled']['rss_mb']} MB, {result['settled']['fds']} fds"]
@@ -494,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_soak(args.cycles, args.minutes * 60, args.concurrency, args.sample_s, args.warmup_fraction, args.work_dir,
                       warmup_s=args.warmup_s)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result.report, indent=1) + "\n")
+    args.out.write_text(report_text(result.report))
     for line in summary_lines(result.report):
         print(line)
     for name, phase in result.report["phases"].items():
