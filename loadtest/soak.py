@@ -99,12 +99,12 @@ class SoakServer:
         return self.log_path.read_text(errors="replace")[-num_chars:] if self.log_path.exists() else ""
 
 
-def make_adapter_variants(data_dir: Path, count: int = 4) -> list[dict[str, bytes]]:
+def make_adapter_variants(data_dir: Path, count: int = 4, out_root: Path | None = None) -> list[dict[str, bytes]]:
     """`count` different small adapters for the demo model (uploads differ in content, not just name)."""
     from loraplex.models.demo import ensure_demo_model, make_demo_adapter
 
     model_dir = ensure_demo_model(data_dir)
-    out_root = Path(tempfile.mkdtemp(prefix="soak-adapters-"))
+    out_root = out_root or Path(tempfile.mkdtemp(prefix="soak-adapters-"))
     variants = []
     for seed in range(count):
         out = make_demo_adapter(model_dir, out_root / f"v{seed}", r=4, seed=100 + seed,
@@ -431,7 +431,7 @@ def run_soak(num_cycles: int, mixed_s: float, concurrency: int = 4, sample_s: fl
              warmup_fraction: float = 0.2, work_dir: Path | None = None, seed: int = 0, warmup_s: float = 5.0) -> SoakResult:
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="loraplex-soak-"))
     data_dir = work_dir / "data"
-    variants = make_adapter_variants(data_dir)
+    variants = make_adapter_variants(data_dir, out_root=work_dir / "adapters")
     server = SoakServer(data_dir, work_dir / "server.log")
     try:
         server.wait_ready()
