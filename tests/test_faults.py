@@ -269,6 +269,36 @@ def _worker_pids_of(server_pid: int) -> list[int]:
     return pids
 
 
+def test_an_embedded_worker_ends_with_its_sigkilled_server_and_gives_its_job_back(tmp_path):
+    """Without this, every crash and restart of a server left one more `loraplex worker` holding torch."""
+    data_dir = tmp_path / "data"
+    server = ServerProcess(data_dir, tmp_path / "server.log", start_local_worker="true", **SERVER_SETTINGS)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            file_id = upload_file(c, "acme", TRAIN * 8).json()["id"]
+            job_id = c.post("/v1/fine_tuning/jobs", headers=auth("acme"), json={
+                "model": "demo", "training_file": file_id, "hyperparameters": {"n_epochs": 50, "batch_size": 1}}).json()["id"]
+            running = eventually(lambda: c.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth("acme")).json()["status"] == "running",
+                                 timeout_s=60, interval_s=0.2)
+            assert running
+        workers = _worker_pids_of(server.proc.pid)
+        assert len(workers) == 1
+        server.proc.kill()
+        server.proc.wait()
+        assert eventually(lambda: not Path(f"/proc/{workers[0]}").exists()
+                          or "State:\tZ" in Path(f"/proc/{workers[0]}/status").read_text(), timeout_s=15, interval_s=0.2)
+    finally:
+        server.stop()
+        for pid in _worker_pids_of(server.proc.pid):
+            os.kill(pid, 9)
+    from loraplex.training.local_jobs import LocalJobStore
+
+    store = LocalJobStore(data_dir)
+    assert store.get(job_id).status == "queued"  # given back, as on SIGTERM: the next worker runs it
+    assert "queued again" in store.events(job_id)[-1]["message"]
+
+
 @pytest.mark.parametrize("with_worker", [False, pytest.param(True, marks=pytest.mark.slow)],
                          ids=["queued-job-stays-queued", "queued-job-runs"])
 def test_sigkill_and_restart_lose_nothing_and_queued_jobs_still_run(tmp_path, adapter_bytes, with_worker):

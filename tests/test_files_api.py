@@ -112,3 +112,20 @@ def test_listing_paginates_newest_first(client):
     rest = client.get("/v1/files", headers=auth("globex"), params={"after": page["data"][-1]["id"], "limit": 1}).json()
     assert [f["id"] for f in rest["data"]] == [ids[0]]
     assert client.get("/v1/files", headers=auth("globex"), params={"after": "file-x"}).status_code == 400
+
+
+def test_a_failed_record_write_leaves_no_orphaned_data(tmp_path, monkeypatch):
+    from loraplex.training import files as files_module
+
+    store = files_module.FileStore(tmp_path, 1 << 20, 100)
+    real_write = files_module._write_atomically
+
+    def record_write_fails(path, data):
+        if path.suffix == ".json":
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(files_module, "_write_atomically", record_write_fails)
+    with pytest.raises(OSError):
+        store.create("acme", "t.jsonl", "fine-tune", b'{"prompt": "a", "completion": " b"}\n')
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

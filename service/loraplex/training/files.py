@@ -67,7 +67,11 @@ class FileStore:
         directory = self._tenant_dir(tenant)
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(directory / f"{record.id}.jsonl", data)
-        _write_atomically(directory / f"{record.id}.json", json.dumps(asdict(record)).encode())
+        try:
+            _write_atomically(directory / f"{record.id}.json", json.dumps(asdict(record)).encode())
+        except BaseException:
+            (directory / f"{record.id}.jsonl").unlink(missing_ok=True)  # no record: the data must not linger
+            raise
         return record
 
     def get(self, tenant: str | None, file_id: str, param: str | None = "file_id") -> FileRecord:

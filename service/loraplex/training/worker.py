@@ -51,6 +51,7 @@ class Worker:
         self._next_reap = 0.0
 
     def run(self) -> None:
+        _stop_when_parent_dies(self.shutdown)
         log.info("worker %s waiting for fine-tuning jobs", self.worker_id)
         while not self.shutdown.is_set():
             self._reap_now_and_then()
@@ -75,7 +76,7 @@ class Worker:
             self._fail(job, "invalid_training_file", str(exc), param)
         except HyperparameterError as exc:
             self._fail(job, "invalid_hyperparameters", str(exc), exc.param)
-        except Exception as exc:  # a bug or a device failure: the job fails, the worker goes on
+        except Exception as exc:  # a bug, a device failure, a full disk: the job fails, the worker goes on
             log.exception("job %s failed", job.id)
             self._fail(job, "training_error", f"{type(exc).__name__}: {exc}", None)
         finally:
@@ -128,9 +129,12 @@ class Worker:
 
     def _fail(self, job: JobRecord, code: str, message: str, param: str | None) -> None:
         error = {"code": code, "message": message, "param": param}
-        if self.store.update(job.id, expect=CLAIMED, status=FAILED, error=error, finished_at=int(time.time()),
-                             estimated_finish=None) is not None:
-            self.store.add_event(job.id, make_event(f"Fine-tuning job failed: {message}", level="error"))
+        try:
+            if self.store.update(job.id, expect=CLAIMED, status=FAILED, error=error, finished_at=int(time.time()),
+                                 estimated_finish=None) is not None:
+                self.store.add_event(job.id, make_event(f"Fine-tuning job failed: {message}", level="error"))
+        except Exception:  # the store itself cannot be written (a full disk): stop beating, the reaper fails it
+            log.exception("job %s: cannot record its failure (%s)", job.id, message)
 
     def _reap_now_and_then(self) -> None:
         if time.monotonic() < self._next_reap:
@@ -246,6 +250,25 @@ def _checkpoint(job: JobRecord, adapter_id: str, result) -> dict:
             "step_number": result.best_step or result.num_steps, "metrics": metrics}
 
 
+PARENT_PID_ENV = "_LORAPLEX_WORKER_PARENT_PID"  # set by LocalWorkerProcess; not a setting
+
+
+def _stop_when_parent_dies(shutdown: threading.Event) -> None:
+    """An embedded worker ends with its server, even one killed with SIGKILL: its running job goes back
+    to the queue (as on SIGTERM) and a restarted server starts a fresh worker, not a second one."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while not shutdown.wait(POLL_S):
+            if os.getppid() != int(parent):
+                log.warning("the server (pid %s) is gone; this worker stops", parent)
+                shutdown.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _validation_message(num_examples: int, valid, hp: Hyperparameters) -> str:
     if valid is not None:
         return f"Validation: {len(valid)} examples from the validation file, scored after every epoch."
@@ -327,7 +350,7 @@ class LocalWorkerProcess:
 def start_worker_process(settings: Settings) -> subprocess.Popen:
     import loraplex
 
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **settings_env(settings), PARENT_PID_ENV: str(os.getpid())}
     package_root = str(Path(loraplex.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-m", "loraplex", "worker"], env=env)
