@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,16 +31,54 @@ class ServerConfig:
 
     def env(self, port: int) -> dict[str, str]:
         settings = {
-            "MODEL": str(self.model_dir), "SERVED_MODEL_NAME": BASE_MODEL_NAME, "DATA_DIR": str(self.data_dir),
-            "DEVICE": self.device, "DTYPE": self.dtype, "PORT": str(port), "HOST": "127.0.0.1",
-            "MAX_LORAS": str(self.max_loras), "MAX_LORA_RANK": str(self.max_lora_rank),
-            "MAX_BATCH_SIZE": str(self.max_batch_size), "MAX_MODEL_LEN": str(self.max_model_len),
-            "LOG_LEVEL": "warning",
+            "model": self.model_dir, "served_model_name": BASE_MODEL_NAME, "data_dir": self.data_dir,
+            "device": self.device, "dtype": self.dtype, "port": port, "host": "127.0.0.1",
+            "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank,
+            "max_batch_size": self.max_batch_size, "max_model_len": self.max_model_len, "log_level": "warning",
         }
-        env = {**os.environ, **{f"LORAPLEX_{k}": v for k, v in settings.items()}, **self.extra_env}
-        # The package lives in service/; work from a checkout whether or not it is pip-installed.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "service"), env.get("PYTHONPATH")]))
-        return env
+        return {**serve_env(settings), **self.extra_env}
+
+
+def serve_env(settings: Mapping[str, object]) -> dict[str, str]:
+    """This process's environment plus `LORAPLEX_<NAME>` for each setting; the package lives in service/,
+    so a checkout works whether or not it is pip-installed."""
+    env = {**os.environ, **{f"LORAPLEX_{name.upper()}": str(value) for name, value in settings.items()}}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "service"), env.get("PYTHONPATH")]))
+    return env
+
+
+def spawn_serve(env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
+    """`python -m loraplex serve` from the repo root, stdout and stderr into `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:  # the child holds its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "loraplex", "serve"], cwd=REPO_ROOT, env=dict(env),
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, poll_s: float = 0.2) -> float:
+    """Seconds until `url`/readyz answers 200; RuntimeError if the process exits, TimeoutError after
+    `timeout_s`, both quoting the end of the log."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; log:\n{log_tail(log_path)}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"server not ready after {timeout_s:.0f}s; log:\n{log_tail(log_path)}")
+
+
+def log_tail(log_path: Path, num_chars: int = 4000) -> str:
+    return log_path.read_text(errors="replace")[-num_chars:] if log_path.exists() else ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class Server:
@@ -47,7 +86,7 @@ class Server:
 
     def __init__(self, config: ServerConfig, log_path: Path, ready_timeout_s: float = 600.0):
         self.config, self.log_path, self.ready_timeout_s = config, log_path, ready_timeout_s
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
         self.startup_s = 0.0  # spawn to first 200 from /readyz
@@ -60,12 +99,12 @@ class Server:
         self.stop()
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
-        self._proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve"], cwd=REPO_ROOT,
-                                      env=self.config.env(self.port), stdout=log, stderr=subprocess.STDOUT)
-        log.close()  # the child holds its own descriptor
-        self.startup_s = self._wait_ready()
+        self._proc = spawn_serve(self.config.env(self.port), self.log_path)
+        try:
+            self.startup_s = wait_ready(self.url, self._proc, self.log_path, self.ready_timeout_s, poll_s=0.25)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self._proc is None or self._proc.poll() is not None:
@@ -77,25 +116,5 @@ class Server:
             self._proc.kill()
             self._proc.wait()
 
-    def _wait_ready(self) -> float:
-        start = time.perf_counter()
-        while time.perf_counter() - start < self.ready_timeout_s:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self._proc.returncode}; log:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise TimeoutError(f"server not ready after {self.ready_timeout_s:.0f}s; log:\n{self.log_tail()}")
-
     def log_tail(self, num_chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-num_chars:] if self.log_path.exists() else ""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return log_tail(self.log_path, num_chars)

@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+if __package__ in (None, ""):  # run as a script: make `loadtest` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest.server import free_port, log_tail, serve_env, spawn_serve, wait_ready  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"acme": "soak-acme", "globex": "soak-globex", "admin": "soak-admin"}
@@ -57,34 +61,18 @@ class SoakServer:
     """`loraplex serve` in a child process on a free port; `pid` is what the sampler watches."""
 
     def __init__(self, data_dir: Path, log_path: Path, **overrides):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         settings = {**SERVER_SETTINGS, **overrides, "data_dir": data_dir, "port": self.port, "host": "127.0.0.1"}
-        env = {**os.environ, **{f"LORAPLEX_{k.upper()}": str(v) for k, v in settings.items()}}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "service"), env.get("PYTHONPATH")]))
         self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve"], cwd=REPO_ROOT, env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+        self.proc = spawn_serve(serve_env(settings), log_path)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready in {timeout_s:.0f}s:\n{self.log_tail()}")
+        wait_ready(self.url, self.proc, self.log_path, timeout_s)
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self.proc.poll() is None:
@@ -96,7 +84,7 @@ class SoakServer:
                 self.proc.wait()
 
     def log_tail(self, num_chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-num_chars:] if self.log_path.exists() else ""
+        return log_tail(self.log_path, num_chars)
 
 
 def make_adapter_variants(data_dir: Path, count: int = 4, out_root: Path | None = None) -> list[dict[str, bytes]]:
