@@ -99,9 +99,9 @@ def _shape(shape: dict) -> str:
             f"/ {shape['num_key_value_heads']} kv, ffn {shape['intermediate_size']}, vocab {shape['vocab_size']}")
 
 
-def write_json(results: dict, path: Path) -> None:
+def write_json(results: dict, path: Path, indent: int = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.write_text(json.dumps(results, indent=indent) + "\n")
 
 
 def write_plot(results: dict, path: Path) -> None:

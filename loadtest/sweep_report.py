@@ -5,8 +5,9 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from loadtest import report
 
 PERCENTILES = ("p50", "p90", "p99")
 
@@ -53,8 +54,7 @@ def markdown_table(results: dict) -> str:
 
 
 def write_json(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    report.write_json(results, path, indent=1)
 
 
 def write_plot(results: dict, path: Path) -> None:
