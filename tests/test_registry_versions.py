@@ -134,7 +134,7 @@ def test_unfinished_version_is_never_served_and_its_number_never_reused(store, u
 
 def test_failed_publish_leaves_no_trace(store, upload, monkeypatch):
     before = tree(store.data_dir)
-    monkeypatch.setattr(store.index, "publish", lambda record: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(store.index, "publish", lambda record, promote: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(RegistryUnavailable, match="No space left"):
         store.put("acme", "sql", *upload)
     assert tree(store.data_dir) == before
@@ -278,9 +278,9 @@ def test_a_custom_index_is_used(tmp_path, upload):
     class CountingIndex(LocalJsonIndex):
         num_published = 0
 
-        def publish(self, record):
+        def publish(self, record, promote=True):
             CountingIndex.num_published += 1
-            super().publish(record)
+            super().publish(record, promote)
 
     store = VersionedAdapterStore(tmp_path, index=CountingIndex(tmp_path, 16, ["q_proj", "v_proj"]))
     store.put("acme", "sql", *upload)

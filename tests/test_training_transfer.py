@@ -33,12 +33,7 @@ KEYWORD_HP = dict(batch_size=8, learning_rate_multiplier=10, seed=0,
 WORDS = [" positive", " negative", " good", " bad"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_labels(num_examples: int, first_item: int, seed: int):

@@ -310,10 +310,7 @@ class VersionedAdapterStore:
         os.rename(staging, record.path)  # the version dir appears whole or not at all
         try:
             _fsync_dir(record.path.parent)
-            if promote:
-                self.index.publish(record)  # the two-argument form only when needed: older custom indexes keep working
-            else:
-                self.index.publish(record, promote=False)
+            self.index.publish(record, promote)
         except BaseException:
             shutil.rmtree(record.path, ignore_errors=True)  # never published, so never served meanwhile
             raise

@@ -166,16 +166,3 @@ def build_job_store(settings) -> JobStore:
     from loraplex.training.local_jobs import LocalJobStore
 
     return LocalJobStore(settings.data_dir)
-
-
-def __getattr__(name: str):
-    """`jobs.LocalJobStore` / `jobs.RedisJobStore` still resolve (they live in their own modules)."""
-    if name == "LocalJobStore":
-        from loraplex.training.local_jobs import LocalJobStore
-
-        return LocalJobStore
-    if name == "RedisJobStore":
-        from loraplex.training.redis_jobs import RedisJobStore
-
-        return RedisJobStore
-    raise AttributeError(name)

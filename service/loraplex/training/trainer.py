@@ -133,7 +133,9 @@ def train_lora(
     if should_stop():
         raise TrainingCancelled(loop.step)
     _save_adapter(model, out_dir)
-    best = tracker.best
+    best = tracker.best  # its weights are the ones restored and written: its scores are the adapter's
+    if best is not None:
+        scores.update(valid_loss=best.valid_loss, valid_token_accuracy=best.valid_token_accuracy)
     return TrainResult(
         out_dir=out_dir, num_steps=loop.step, final_loss=loop.last_epoch_loss, train_tokens=loop.num_tokens,
         elapsed_s=time.monotonic() - started, hyperparameters=hp_resolved, device=str(torch_device),
@@ -145,12 +147,10 @@ def train_lora(
 
 
 def _final_scores(model, tokenizer, valid_set, pad_id, device, max_len, check) -> dict[str, float | None]:
-    """The kept adapter and the base model (adapter disabled) on the validation set and the reference text."""
+    """The kept adapter on the reference text, and the base model (adapter disabled) on it and on the
+    validation set. (The kept adapter's validation score is its epoch's, already measured.)"""
     windows = reference_windows(tokenizer, reference_text(), max_len)
     scores = {"reference_perplexity_adapter": perplexity(model, windows, pad_id, device, check)}
-    if valid_set is not None:
-        adapter = score(model, valid_set, pad_id, device, check)
-        scores.update(valid_loss=adapter.loss, valid_token_accuracy=adapter.token_accuracy)
     with model.disable_adapter():
         scores["reference_perplexity_base"] = perplexity(model, windows, pad_id, device, check)
         if valid_set is not None:

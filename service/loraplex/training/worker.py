@@ -90,13 +90,13 @@ class Worker:
         if job.validation_file:
             valid = self.files.dataset(self.files.get(job.tenant, job.validation_file, param="validation_file"))
         hp = Hyperparameters.from_request(job.hyperparameters, job.seed, self.settings.max_train_steps)
-        num_train = len(train) - (0 if valid is not None else hp.num_held_out(len(train)))
-        resolved = hp.resolve(num_train, self.settings.max_lora_rank, _num_layers(self.model_dir))
+        num_held_out = 0 if valid is not None else hp.num_held_out(len(train))  # what train_lora will hold out
+        resolved = hp.resolve(len(train) - num_held_out, self.settings.max_lora_rank, _num_layers(self.model_dir))
         if self.store.update(job.id, expect=CLAIMED, status=RUNNING, num_steps=resolved.num_steps,
                              resolved_hyperparameters=resolved.to_dict()) is None:
             raise TrainingCancelled(0)  # cancelled or reaped meanwhile
         self.store.add_event(job.id, make_event("Fine-tuning job started."))
-        self.store.add_event(job.id, make_event(_validation_message(len(train), valid, hp)))
+        self.store.add_event(job.id, make_event(_validation_message(len(train), num_held_out, valid)))
         result = train_lora(self.model_dir, train, hp, work_dir / "adapter", on_event=progress.on_event,
                             should_stop=progress.should_stop, validation=valid, device=self.settings.device,
                             max_lora_rank=self.settings.max_lora_rank, on_epoch=progress.on_epoch)
@@ -269,12 +269,11 @@ def _stop_when_parent_dies(shutdown: threading.Event) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _validation_message(num_examples: int, valid, hp: Hyperparameters) -> str:
+def _validation_message(num_examples: int, num_held_out: int, valid) -> str:
     if valid is not None:
         return f"Validation: {len(valid)} examples from the validation file, scored after every epoch."
-    held_out = hp.num_held_out(num_examples)
-    if held_out:
-        return (f"Validation: {held_out} of the {num_examples} training examples held out (no validation file), "
+    if num_held_out:
+        return (f"Validation: {num_held_out} of the {num_examples} training examples held out (no validation file), "
                 f"scored after every epoch.")
     return "Validation: none (no validation file and too few examples to hold some out); no early stopping, no comparison."
 
