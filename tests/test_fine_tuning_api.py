@@ -20,7 +20,7 @@ from loraplex import cli
 from loraplex.api.app import create_app
 from loraplex.config import Settings
 from loraplex.engine_factory import build_engine
-from loraplex.training.worker import settings_env
+from loraplex.training.supervisor import settings_env
 
 KEYS = {"acme": "key-acme", "globex": "key-globex", "admin": "key-admin"}
 REPO_ROOT = Path(__file__).resolve().parents[1]

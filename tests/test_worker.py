@@ -15,7 +15,8 @@ from loraplex.training.jobs import (
 )
 from loraplex.training.local_jobs import LocalJobStore
 from loraplex.training.redis_jobs import RedisJobStore
-from loraplex.training.worker import RegistryPublisher, Worker, settings_env
+from loraplex.training.supervisor import settings_env
+from loraplex.training.worker import RegistryPublisher, Worker
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
 
 TINY = b'{"prompt": "a", "completion": " b"}\n' * 4

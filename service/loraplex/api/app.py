@@ -29,7 +29,9 @@ from loraplex.api.rate_limit import TenantRateLimiter
 from loraplex.registry.auth import load_api_keys
 from loraplex.registry.factory import build_registry
 from loraplex.training.files import FileStore
-from loraplex.training.jobs import build_job_store, has_pending_jobs, reap_stale
+from loraplex.training.job_store import build_job_store
+from loraplex.training.jobs import has_pending_jobs, reap_stale
+from loraplex.training.supervisor import LocalWorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +124,6 @@ async def _start_fine_tuning(app: FastAPI) -> asyncio.Task:
     app.state.job_store = await asyncio.to_thread(build_job_store, settings)
     app.state.local_worker = None
     if settings.start_local_worker:
-        from loraplex.training.worker import LocalWorkerProcess
-
         app.state.local_worker = LocalWorkerProcess(settings)
         if await asyncio.to_thread(has_pending_jobs, app.state.job_store):
             app.state.local_worker.ensure_running()

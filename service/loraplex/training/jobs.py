@@ -6,7 +6,7 @@ in the store, so the API process never trains. A claimed job carries its worker'
 heartbeat is older than `stale_after_s` is failed by whoever reaps first (the server or another worker).
 
 Stores: `local_jobs.LocalJobStore` (one machine, files + flock) and `redis_jobs.RedisJobStore`
-(replicas and workers on several machines); `build_job_store` picks one from the settings.
+(replicas and workers on several machines); `job_store.build_job_store` picks one from the settings.
 """
 from __future__ import annotations
 
@@ -156,13 +156,3 @@ def reap_stale(store: JobStore, stale_after_s: float) -> list[JobRecord]:
 
 def has_pending_jobs(store: JobStore) -> bool:
     return any(job.status == QUEUED for job in store.list(None))
-
-
-def build_job_store(settings) -> JobStore:
-    if settings.redis_url:
-        from loraplex.training.redis_jobs import RedisJobStore
-
-        return RedisJobStore(settings.redis_url, settings.redis_namespace)
-    from loraplex.training.local_jobs import LocalJobStore
-
-    return LocalJobStore(settings.data_dir)

@@ -18,8 +18,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,9 +29,11 @@ from loraplex.training.datasets import DatasetError
 from loraplex.training.files import FileNotFound, FileStore
 from loraplex.training.hyperparams import HyperparameterError, Hyperparameters
 from loraplex.training.jobs import (
-    CANCELLED, CLAIMED, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore, build_job_store, make_event, reap_stale,
+    CANCELLED, CLAIMED, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore, make_event, reap_stale,
 )
+from loraplex.training.job_store import build_job_store
 from loraplex.training.promotion import evaluate_result
+from loraplex.training.supervisor import PARENT_PID_ENV
 from loraplex.training.trainer import TrainingCancelled, train_lora  # cancelled: by a user, the reaper or shutdown
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,6 @@ def _checkpoint(job: JobRecord, adapter_id: str, result) -> dict:
             "step_number": result.best_step or result.num_steps, "metrics": metrics}
 
 
-PARENT_PID_ENV = "_LORAPLEX_WORKER_PARENT_PID"  # set by LocalWorkerProcess; not a setting
 
 
 def _stop_when_parent_dies(shutdown: threading.Event) -> None:
@@ -311,54 +310,3 @@ def run_worker(settings: Settings) -> int:
         store.close()
     log.info("worker %s stopped", worker.worker_id)
     return 0
-
-
-class LocalWorkerProcess:
-    """The embedded default: one `loraplex worker` child of the server, with the server's settings.
-    Started with the first job (or at startup when jobs are pending), so a server that never fine-tunes
-    never pays for a second process holding torch."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.process: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-
-    def ensure_running(self) -> None:
-        with self._lock:
-            if self.process is None or self.process.poll() is not None:
-                self.process = start_worker_process(self.settings)
-                log.info("started fine-tuning worker process %d", self.process.pid)
-
-    def has_died(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM (a running job goes back to the queue), then SIGKILL if it does not exit in time."""
-        with self._lock:
-            process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def start_worker_process(settings: Settings) -> subprocess.Popen:
-    import loraplex
-
-    env = {**os.environ, **settings_env(settings), PARENT_PID_ENV: str(os.getpid())}
-    package_root = str(Path(loraplex.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-m", "loraplex", "worker"], env=env)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """`LORAPLEX_*` variables that rebuild these settings in a child process."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"LORAPLEX_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
