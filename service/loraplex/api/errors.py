@@ -108,7 +108,7 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, engine_errors.PromptTooLongError):
         return ContextLengthExceeded(str(exc))
     if isinstance(exc, engine_errors.InvalidRequestError):
-        return InvalidParameter(str(exc))
+        return InvalidParameter(str(exc), param=exc.param)
     if isinstance(exc, engine_errors.QueueFullError):
         return RateLimited(str(exc) or "Server is at capacity.", headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, engine_errors.EngineNotRunningError):

@@ -18,6 +18,10 @@ class PromptTooLongError(EngineError):
 class InvalidRequestError(EngineError):
     """A request the engine cannot run as asked (bad sampling parameters, empty prompt...)."""
 
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the request field at fault, when the engine knows it
+
 
 class AdapterError(EngineError):
     """An adapter that cannot be loaded or is not supported (DoRA, rank too high, unknown module)."""

@@ -20,8 +20,10 @@ from loraplex.engine.merge import MergeManager
 from loraplex.engine.merge_policy import MergeMode, MergePolicy
 from loraplex.engine.model import LlamaForServing
 from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.sampler import Sampler, SamplerOutput
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
+from loraplex.engine.structured import GrammarCompiler
 from loraplex.engine.types import FinishReason, LoraRequest, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,11 @@ class LLMEngine:
         self.merge_policy = MergePolicy(default_mode=config.default_merge_mode)
         self.merged_key: str | None = None
         self.num_merge_switches = 0
-        self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device)
         self.vocab_size = mc.vocab_size
         self.eos_token_ids = _eos_ids(tokenizer, model) | set(config.extra_eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
+        sampler = Sampler(self.device, self.grammars, self.eos_token_ids)
+        self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device, sampler)
         self.completed_loads: queue.SimpleQueue = queue.SimpleQueue()
         self.host_cache = HostLoraCache(config.max_cpu_loras)
         self.pinned_keys: set[str] = set()
@@ -74,6 +78,10 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"the context length {self.config.max_model_len}"
             )
+        if any(not 0 <= token < self.vocab_size for token, _ in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
+        if params.guide is not None:
+            self.grammars.compile(params.guide)  # cached: the API compiled it off the event loop already
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     lora: LoraRequest | None, tenant: str = "") -> None:
@@ -102,27 +110,34 @@ class LLMEngine:
             self._start_load(lora, slot)
         if batch.is_empty:
             return results
-        tokens, logprobs = self.runner.run(batch)
+        sampled, prompt_logprobs = self.runner.run(batch)
+        for seq in batch.prefill_seqs:
+            seq.prompt_logprobs = prompt_logprobs.get(seq.request_id)
         self.scheduler.charge(batch.decode_seqs, [1] * len(batch.decode_seqs))
         self.scheduler.charge(batch.prefill_seqs, [len(s.prompt_ids) for s in batch.prefill_seqs])
         self.merge_policy.observe(_tokens_by_adapter(batch))
-        return results + self._postprocess(batch, tokens, logprobs)
+        return results + self._postprocess(batch, sampled)
 
-    def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[StepResult]:
+    def _postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[StepResult]:
         now = time.monotonic()
         results = []
-        for seq, token, logprob in zip(batch.seqs, tokens, logprobs):
+        for i, seq in enumerate(batch.seqs):
+            token = sampled.tokens[i]
             seq.output_ids.append(token)
-            seq.output_logprobs.append(logprob)
+            seq.output_logprobs.append(sampled.logprobs[i])
+            if seq.params.logprobs is not None:
+                seq.output_top_logprobs.append(sampled.top_logprobs[i])
             seq.first_token_time = seq.first_token_time or now
             stop_string = seq.detokenizer.append(seq.output_ids)
-            self._check_finished(seq, token, stop_string)
+            self._check_finished(seq, token, stop_string, sampled.is_guide_done[i])
             results.append((seq.request_id, self._output(seq)))
         return results
 
-    def _check_finished(self, seq: Sequence, token: int, stop_string: str | None) -> None:
+    def _check_finished(self, seq: Sequence, token: int, stop_string: str | None, is_guide_done: bool) -> None:
         params = seq.params
-        if stop_string is not None:
+        if is_guide_done:  # the grammar is complete (or only EOS could follow)
+            self.scheduler.finish(seq, FinishReason.STOP, token)
+        elif stop_string is not None:
             self.scheduler.finish(seq, FinishReason.STOP, stop_string)
         elif token in params.stop_token_ids:
             self.scheduler.finish(seq, FinishReason.STOP, token)
@@ -138,6 +153,8 @@ class LLMEngine:
             request_id=seq.request_id,
             new_token_ids=seq.output_ids[start:],
             new_logprobs=seq.output_logprobs[start:],
+            new_top_logprobs=seq.output_top_logprobs[start:],
+            prompt_logprobs=seq.prompt_logprobs if start == 0 else None,
             new_text=seq.detokenizer.take_delta(seq.is_finished),
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=len(seq.output_ids),

@@ -10,38 +10,32 @@ from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_ops import LoraBatch, build_lora_batch
 from loraplex.engine.merge import MergeManager
 from loraplex.engine.model import ForwardBatch, LlamaForServing
-from loraplex.engine.sampler import sample
+from loraplex.engine.logits_processors import RowTokens
+from loraplex.engine.sampler import Sampler, SamplerOutput, top_logprobs
 from loraplex.engine.scheduler import ScheduledBatch
 from loraplex.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForServing, kv_cache: KVCache, merge: MergeManager, device: torch.device):
+    def __init__(self, model: LlamaForServing, kv_cache: KVCache, merge: MergeManager, device: torch.device,
+                 sampler: Sampler):
         self.model, self.kv_cache, self.merge, self.device = model, kv_cache, merge, device
-        self._generators: dict[str, torch.Generator] = {}
+        self.sampler = sampler
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
-        """Returns the next token and its logprob for each of batch.seqs, in that order."""
+    def run(self, batch: ScheduledBatch) -> tuple[SamplerOutput, dict[str, list]]:
+        """The sampled token (+ logprobs) for each of batch.seqs, in that order, and the prompt logprobs
+        of the prefilled sequences that asked for them (request id -> per prompt token after the first)."""
         for src, dst, length in batch.row_moves:
             self.kv_cache.move_row(src, dst, length)
         input_ids, forward_batch = self._prepare(batch)
-        logits = self.model(input_ids, forward_batch, self.kv_cache)  # [num_seqs, V]
+        logits = self.model(input_ids, forward_batch, self.kv_cache)  # [num_seqs + prompt positions, V]
         seqs = batch.seqs
-        generators = [self._generator(s) for s in seqs]
-        tokens, logprobs = sample(logits, [s.params for s in seqs], generators)
-        return tokens.tolist(), logprobs.tolist()
+        rows = [RowTokens(s.params, s.prompt_ids, s.output_ids) for s in seqs]
+        output = self.sampler.sample(logits[: len(seqs)], [s.request_id for s in seqs], rows, [s.seed for s in seqs])
+        return output, prompt_logprobs(logits[len(seqs):], _wanting_prompt_logprobs(batch))
 
     def release(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
-
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.is_greedy:
-            return None
-        generator = self._generators.get(seq.request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seq.seed)
-            self._generators[seq.request_id] = generator
-        return generator
+        self.sampler.release(request_id)
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch]:
         decode, prefill = batch.decode_seqs, batch.prefill_seqs
@@ -49,10 +43,13 @@ class ModelRunner:
         positions = [s.num_tokens - 1 for s in decode] + list(
             itertools.chain.from_iterable(range(len(s.prompt_ids)) for s in prefill)
         )
-        logits_indices, start = list(range(len(decode))), len(decode)
+        logits_indices, start, prompt_positions = list(range(len(decode))), len(decode), []
         for seq in prefill:
+            if seq.params.prompt_logprobs is not None:  # every position but the last predicts a prompt token
+                prompt_positions += range(start, start + len(seq.prompt_ids) - 1)
             start += len(seq.prompt_ids)
             logits_indices.append(start - 1)
+        logits_indices += prompt_positions  # after the sampled rows: run() splits them off
         lora = self._lora_batch(decode, prefill)
         forward_batch = ForwardBatch(
             positions=self._tensor(positions),
@@ -113,3 +110,22 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+
+def _wanting_prompt_logprobs(batch: ScheduledBatch) -> list[Sequence]:
+    return [s for s in batch.prefill_seqs if s.params.prompt_logprobs is not None]
+
+
+def prompt_logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> dict[str, list]:
+    """logits: [sum(P_i - 1), V], seq i's positions 0..P_i-2 in order -> request id -> for each prompt
+    token after the first, (its logprob, its position's top alternatives)."""
+    result, start = {}, 0
+    for seq in seqs:
+        num = len(seq.prompt_ids) - 1
+        logprobs = torch.log_softmax(logits[start : start + num], dim=-1)  # [P-1, V]
+        targets = torch.tensor(seq.prompt_ids[1:], device=logits.device).unsqueeze(1)  # [P-1, 1]
+        chosen = logprobs.gather(1, targets).squeeze(1).tolist() if num else []
+        top = top_logprobs(logprobs, [seq.params.prompt_logprobs] * num)
+        result[seq.request_id] = list(zip(chosen, top))
+        start += num
+    return result

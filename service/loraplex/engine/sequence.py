@@ -27,6 +27,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)  # per output token when params.logprobs
+    prompt_logprobs: list | None = None  # set at prefill when params.prompt_logprobs, sent once
     row: int = -1  # KV cache row while running
     slot: int = 0  # adapter slot while running (0 = base)
     finish_reason: FinishReason | None = None
