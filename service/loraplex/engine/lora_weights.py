@@ -12,6 +12,7 @@ from safetensors.torch import load as load_safetensors
 
 from loraplex.engine.errors import AdapterError
 from loraplex.engine.model import ATTN_MODULES
+from loraplex.engine.module_patterns import PatternError, PatternTable
 
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
@@ -36,13 +37,14 @@ def read_adapter(key: str, path: str, max_rank: int, shapes: dict[tuple[int, str
     """shapes: (layer, module) -> (d_out, d_in) of every module the pool can serve."""
     directory = Path(path)
     config = _read_config(directory / "adapter_config.json")
+    alpha_pattern = _alpha_pattern(config)
     tensors = _read_tensors(directory / "adapter_model.safetensors")
     pairs = _pair_tensors(tensors)
     weights = {}
     for (layer, module), (a, b) in pairs.items():
         _check_shapes(layer, module, a, b, shapes, max_rank)
         name = f"model.layers.{layer}.{'self_attn' if module in ATTN_MODULES else 'mlp'}.{module}"
-        scale = _scaling(config, name, rank=a.shape[0])
+        scale = _scaling(config, alpha_pattern, name, rank=a.shape[0])
         weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
     if not weights:
         raise AdapterError(f"adapter {key!r} holds no LoRA weights for a supported module")
@@ -50,10 +52,15 @@ def read_adapter(key: str, path: str, max_rank: int, shapes: dict[tuple[int, str
 
 
 def _read_config(path: Path) -> dict:
+    # Messages reach clients: the OS error's text only, never the server's path.
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"unreadable adapter_config.json: {exc}") from None
+        config = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise AdapterError(f"unreadable adapter_config.json: {exc.strerror or 'I/O error'}") from None
+    except (ValueError, RecursionError):
+        raise AdapterError("unreadable adapter_config.json: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise AdapterError("adapter_config.json must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type {config.get('peft_type')!r} is not supported, only LORA")
     for flag in _UNSUPPORTED_FLAGS:
@@ -68,7 +75,11 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     # From the bytes, not `safe_open(...).get_tensor`: that path keeps about 60 bytes per tensor alive for
     # good (safetensors 0.8), i.e. ~25 KB per cold load of a 7B-sized adapter (found by loadtest/soak.py).
     try:
-        return load_safetensors(path.read_bytes())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AdapterError(f"unreadable adapter_model.safetensors: {exc.strerror or 'I/O error'}") from None
+    try:
+        return load_safetensors(raw)
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise AdapterError(f"unreadable adapter_model.safetensors: {exc}") from None
 
@@ -105,15 +116,15 @@ def _check_shapes(layer, module, a, b, shapes, max_rank) -> None:
         raise AdapterError(f"rank {rank} at layer {layer} {module} exceeds max_lora_rank {max_rank}")
 
 
-def _pattern_value(patterns: dict, module_name: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return value
-    return default
+def _alpha_pattern(config: dict) -> PatternTable:
+    try:
+        return PatternTable("alpha_pattern", config.get("alpha_pattern"))
+    except PatternError as exc:
+        raise AdapterError(str(exc)) from None
 
 
-def _scaling(config: dict, module_name: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern"), module_name, config.get("lora_alpha", 8))
+def _scaling(config: dict, alpha_pattern: PatternTable, module_name: str, rank: int) -> float:
+    alpha = alpha_pattern.lookup(module_name, config.get("lora_alpha", 8))
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraplex.engine.module_patterns import ModuleRegex, PatternTable
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1_000_000
@@ -135,6 +137,7 @@ def _check_refused_flags(config: dict[str, Any]) -> None:
 
 
 def _check_rank(config: dict[str, Any], shapes: dict[str, list[int]], max_lora_rank: int) -> int:
+    PatternTable("rank_pattern", config.get("rank_pattern"))  # every key must compile for linear-time matching
     pattern_ranks = list((config.get("rank_pattern") or {}).values())
     declared = [config.get("r", 8), *pattern_ranks]
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in declared):
@@ -148,6 +151,7 @@ def _check_rank(config: dict[str, Any], shapes: dict[str, list[int]], max_lora_r
 
 
 def _check_alpha(config: dict[str, Any]) -> float:
+    PatternTable("alpha_pattern", config.get("alpha_pattern"))  # the engine matches these on every load
     alphas = [config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()]
     if not all(isinstance(a, int | float) and not isinstance(a, bool) and a > 0 for a in alphas):
         raise ValueError("lora_alpha and alpha_pattern values must be positive numbers")
@@ -189,10 +193,7 @@ def _check_pattern(pattern: str, stored: set[tuple[str, str]], allowed: set[str]
     to allowed leaf names on the modules the weights really hold."""
     if pattern in allowed or pattern == "all-linear":
         return  # a bare name, or PEFT's shorthand; the stored leaves are checked against `allowed` next
-    try:
-        regex = re.compile(pattern)
-    except re.error:
-        raise ValueError(f"target_modules {pattern!r} is not a valid regex") from None
+    regex = ModuleRegex("target_modules", pattern)  # PatternError (a ValueError) names the field
     unmatched = sorted(module for module, _ in stored if not regex.fullmatch(module))
     if unmatched:
         raise ValueError(f"target_modules regex {pattern!r} does not match stored module {unmatched[0]!r}")

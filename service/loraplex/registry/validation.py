@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from loraplex.engine.model import ATTN_MODULES
+from loraplex.engine.module_patterns import PatternError, PatternTable
 from loraplex.registry.adapter_config import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, check_adapter
 from loraplex.registry.errors import AdapterTooLarge, InvalidAdapterFile
 
@@ -79,7 +80,7 @@ def _validate(config_bytes: bytes, weights_bytes: bytes, module_shapes: ModuleSh
     try:
         spec = check_adapter(config, {name: list(s.shape) for name, s in spans.items()}, max_rank, {m for _, m in module_shapes})
     except ValueError as exc:
-        raise InvalidAdapterFile(str(exc), CONFIG_FILE) from None
+        raise InvalidAdapterFile(str(exc), exc.field if isinstance(exc, PatternError) else CONFIG_FILE) from None
     _check_ranks_match_config(pairs, config)
     _check_finite(weights_bytes)
     weights_sha256 = hashlib.sha256(weights_bytes).hexdigest()
@@ -235,22 +236,12 @@ def _check_pair_fits(layer: int, module: str, a: tuple[int, ...], b: tuple[int, 
 
 def _check_ranks_match_config(pairs: dict[tuple[int, str], tuple[tuple[int, ...], tuple[int, ...]]], config: dict[str, Any]) -> None:
     """The tensors' rank must be the one PEFT would scale with (r, or the rank_pattern entry that matches)."""
+    rank_pattern = PatternTable("rank_pattern", config.get("rank_pattern"))  # compiled by check_adapter already
     for (layer, module), (a_shape, _) in pairs.items():
         module_path = f"model.layers.{layer}.{'self_attn' if module in ATTN_MODULES else 'mlp'}.{module}"
-        expected = _pattern_value(config.get("rank_pattern"), module_path, config.get("r", 8))
+        expected = rank_pattern.lookup(module_path, config.get("r", 8))
         if a_shape[0] != expected:
             raise InvalidAdapterFile(f"layer {layer} {module} has rank {a_shape[0]}, config says {expected}", "r")
-
-
-def _pattern_value(patterns: dict[str, Any] | None, module_path: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path's suffix (same rule as the engine)."""
-    for pattern, value in (patterns or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", module_path):
-                return value
-        except re.error:
-            raise InvalidAdapterFile(f"rank_pattern key {pattern!r} is not a valid regex", "rank_pattern") from None
-    return default
 
 
 def _check_finite(weights: bytes) -> None:
