@@ -180,3 +180,18 @@ def test_table_refuses_with_the_field_named(patterns, says):
     with pytest.raises(PatternError, match=says) as caught:
         PatternTable("alpha_pattern", patterns)
     assert caught.value.field == "alpha_pattern" and "alpha_pattern" in str(caught.value)
+
+
+def test_unreadable_adapter_files_do_not_name_server_paths(server, adapter_files):
+    """An adapter whose files vanished behind the server's back (an operator, a crash mid-cleanup) fails
+    its use with the OS error's text, never the absolute path under the data dir."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        response, _ = upload(client, "vanishing", adapter_files)
+        assert response.status_code == 201, response.text
+        [config_path] = server.data_dir.glob("**/vanishing/v1/adapter_config.json")
+        config_path.unlink()
+        completion, _ = use(client, "vanishing")
+    assert completion.status_code == 400, completion.text
+    message = completion.json()["error"]["message"]
+    assert "adapter_config.json" in message and "No such file" in message, message
+    assert str(server.data_dir) not in message and "/" not in message.split("adapter_config.json", 1)[1], message
