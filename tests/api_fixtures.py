@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from loraplex.api import create_app
 from loraplex.config import Settings
 from loraplex.engine_factory import build_engine
-from loraplex.models.demo import ensure_demo_model, make_demo_adapter
+from loraplex.models.demo import ensure_demo_model, ensure_example_adapter, make_demo_adapter
 
 MAX_MODEL_LEN = 512
 MAX_STOP_SEQUENCES = 4
@@ -58,6 +58,7 @@ def api_adapters(api_settings) -> dict[str, Path]:
         BIG_RANK_ADAPTER: make_demo_adapter(model_dir, data_dir / BIG_RANK_ADAPTER, r=32, seed=3),
     }
     paths[DORA_ADAPTER] = make_peft_adapter(model_dir, data_dir / DORA_ADAPTER, use_dora=True)
+    paths["demo/example"] = ensure_example_adapter(data_dir, seed=api_settings.seed)  # README's examples use it
     return paths
 
 

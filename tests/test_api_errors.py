@@ -41,11 +41,11 @@ def assert_envelope(response, status: int, code=None, param=None) -> dict:
         ({"temperature": -0.5}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
-        ({"n": 2}, "n"),
-        ({"echo": True}, "echo"),
-        ({"logprobs": 1}, "logprobs"),
-        ({"best_of": 3}, "best_of"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"n": 17}, "n"),
+        ({"echo": 1}, "echo"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"best_of": 17}, "best_of"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"seed": -1}, "seed"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"stop": ["a"] * (MAX_STOP_SEQUENCES + 1)}, "stop"),
@@ -70,10 +70,10 @@ def test_bad_json_is_400(api_client):
     assert "JSON" in assert_envelope(response, 400)["message"]
 
 
-def test_chat_logprobs_and_n_are_refused(api_client):
+def test_chat_logprobs_and_n_over_their_limits_are_refused(api_client):
     base = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert_envelope(api_client.post("/v1/chat/completions", json={**base, "logprobs": True}), 400, param="logprobs")
-    assert_envelope(api_client.post("/v1/chat/completions", json={**base, "n": 3}), 400, param="n")
+    assert_envelope(api_client.post("/v1/chat/completions", json={**base, "logprobs": 3}), 400, param="logprobs")
+    assert_envelope(api_client.post("/v1/chat/completions", json={**base, "n": 17}), 400, param="n")
     assert_envelope(api_client.post("/v1/chat/completions", json={**base, "messages": []}), 400, param="messages")
 
 

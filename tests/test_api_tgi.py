@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import jsonschema
 import pytest
 import text_generation
 from text_generation.errors import BadRequestError
@@ -63,9 +65,12 @@ def test_generate_stream_events(api_client):
 @pytest.mark.parametrize(
     ("parameters", "status", "code"),
     [
-        ({"repetition_penalty": 1.2}, 400, "invalid_parameter"),
+        ({"repetition_penalty": 0.0}, 400, "invalid_parameter"),
         ({"return_full_text": True}, 400, "invalid_parameter"),
-        ({"decoder_input_details": True}, 400, "invalid_parameter"),
+        ({"top_n_tokens": 6}, 400, "invalid_parameter"),
+        ({"best_of": 2}, 400, "invalid_parameter"),  # TGI: best_of needs sampling
+        ({"grammar": {"type": "regex", "value": "[a-"}}, 400, "invalid_parameter"),
+        ({"grammar": {"type": "json", "value": "{no"}}, 400, "invalid_parameter"),
         ({"max_new_tokens": MAX_MODEL_LEN}, 400, "context_length_exceeded"),
         ({"adapter_id": "acme/missing"}, 404, "model_not_found"),
         ({"adapter_id": DORA_ADAPTER}, 400, "invalid_adapter"),
@@ -105,3 +110,37 @@ def test_text_generation_async_client(api_server_url):
 
     text, streamed = asyncio.run(run())
     assert text == streamed and text
+
+
+def test_text_generation_client_details_top_n_tokens_and_json_grammar(api_server_url, api_engine):
+    from text_generation.types import Grammar, GrammarType
+
+    client = text_generation.Client(api_server_url, timeout=30)
+    result = client.generate(PROMPT, max_new_tokens=6, top_n_tokens=3, decoder_input_details=True)
+    details = result.details
+    assert len(details.top_tokens) == len(details.tokens) == 6
+    for token, top in zip(details.tokens, details.top_tokens):
+        assert len(top) == 3 and top[0].id == token.id and abs(top[0].logprob - token.logprob) < 1e-6  # greedy
+    assert [t.id for t in details.prefill] == api_engine.tokenizer.encode(PROMPT)
+    assert details.prefill[0].logprob is None and all(t.logprob <= 0 for t in details.prefill[1:])
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
+              "properties": {"name": {"type": "string", "maxLength": 6}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    for seed in range(3):
+        json_result = client.generate(PROMPT, max_new_tokens=40, do_sample=True, seed=seed,
+                                      grammar=Grammar(type=GrammarType.Json, value=schema))
+        jsonschema.validate(json.loads(json_result.generated_text), schema)
+    regex = client.generate(PROMPT, max_new_tokens=10, grammar=Grammar(type=GrammarType.Regex, value="[0-9]{4}"))
+    assert re.fullmatch("[0-9]{4}", regex.generated_text)
+    streamed = list(client.generate_stream(PROMPT, max_new_tokens=4, top_n_tokens=2))
+    assert all(len(r.top_tokens) == 2 for r in streamed)
+
+
+def test_tgi_penalties_and_best_of(api_client):
+    plain = generate(api_client, max_new_tokens=12, ignore_eos=True)["generated_text"]
+    assert generate(api_client, max_new_tokens=12, ignore_eos=True, repetition_penalty=3.0)["generated_text"] != plain
+    assert generate(api_client, max_new_tokens=12, ignore_eos=True, frequency_penalty=2.0)["generated_text"] != plain
+    body = generate(api_client, max_new_tokens=5, ignore_eos=True, do_sample=True, best_of=3, seed=4, details=True)
+    others = body["details"]["best_of_sequences"]
+    assert len(others) == 2
+    best_logprob = sum(t["logprob"] for t in body["details"]["tokens"])
+    assert all(best_logprob >= sum(t["logprob"] for t in o["tokens"]) for o in others)

@@ -26,6 +26,7 @@ class AsyncEngine:
         self.max_lora_rank = engine.config.max_lora_rank
         self.num_layers = engine.model.config.num_hidden_layers
         self.max_queue = engine.config.max_queue
+        self.grammars = engine.grammars  # thread-safe: the API compiles guides off the event loop
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()

@@ -9,26 +9,29 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loraplex.api.schemas.openai import MAX_SEED
+from loraplex.api.schemas.openai import MAX_N, MAX_SEED
+
+MAX_TOP_N_TOKENS = 5  # TGI's default limit
 
 TgiFinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 # parameter -> the values that mean "feature off"
 _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "repetition_penalty": (None, 1.0),
-    "frequency_penalty": (None, 0.0),
     "return_full_text": (None, False),
-    "decoder_input_details": (None, False),
     "truncate": (None,),
     "typical_p": (None, 1.0),
-    "best_of": (None, 1),
     "watermark": (None, False),
-    "top_n_tokens": (None, 0),
-    "grammar": (None,),
     "adapter_source": (None, "local"),
     "adapter_parameters": (None,),
     "response_format": (None,),
 }
+
+
+class Grammar(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json", "regex"]
+    value: dict[str, Any] | str = Field(description="A JSON schema (object or JSON text) or a regular expression.")
 
 
 class GenerateParameters(BaseModel):
@@ -44,16 +47,16 @@ class GenerateParameters(BaseModel):
     stop: list[str] = Field(default_factory=list)
     details: bool = False
     ignore_eos: bool = Field(False, description="Extension, as in the OpenAI routes.")
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     return_full_text: bool | None = None
-    decoder_input_details: bool | None = None
+    decoder_input_details: bool | None = Field(None, description="Prompt tokens with their logprobs in details.prefill.")
     truncate: int | None = None
     typical_p: float | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="Sampled candidates; the most likely is returned.")
     watermark: bool | None = None
-    top_n_tokens: int | None = None
-    grammar: dict[str, Any] | None = None
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
+    grammar: Grammar | None = None
     adapter_source: str | None = None
     adapter_parameters: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -83,19 +86,34 @@ class GenerateRequest(BaseModel):
     stream: bool = False  # read by the compat route `/` only
 
 
-class Token(BaseModel):
+class InputToken(BaseModel):
     id: int
     text: str
     logprob: float | None = None
+
+
+class Token(InputToken):
     special: bool = False
+
+
+class BestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: TgiFinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[InputToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] | None = None
 
 
 class Details(BaseModel):
     finish_reason: TgiFinishReason
     generated_tokens: int
     seed: int | None = None
-    prefill: list[Token] = Field(default_factory=list)
+    prefill: list[InputToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] | None = None
+    best_of_sequences: list[BestOfSequence] | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -112,5 +130,6 @@ class StreamDetails(BaseModel):
 class StreamResponse(BaseModel):
     index: int
     token: Token
+    top_tokens: list[Token] | None = None
     generated_text: str | None = None
     details: StreamDetails | None = None

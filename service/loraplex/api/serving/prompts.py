@@ -15,7 +15,8 @@ from loraplex.api.errors import ContextLengthExceeded, InvalidParameter
 from loraplex.api.serving.context import GenerationContext
 from loraplex.engine.types import LoraRequest, SamplingParams
 
-OPENAI_SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos"}
+OPENAI_SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos", "min_tokens",
+                          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
 MIN_SAMPLING_TEMPERATURE = 1e-5  # below it sampling is greedy anyway; 1e-300 would overflow the logits
 
 
@@ -46,11 +47,12 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def encode_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Messages (and the tools, for templates that describe them to the model) -> prompt token ids."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidParameter("This model has no chat template; use /v1/completions.", param="messages")
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
     except TemplateError as exc:
         raise InvalidParameter(f"messages do not fit the chat template: {exc}", param="messages") from None
     if isinstance(ids, dict):  # BatchEncoding from some tokenizer versions
@@ -106,4 +108,12 @@ def sampling_params(max_tokens: int, stop: tuple[str, ...], **fields: Any) -> Sa
         stop=stop,
         stop_token_ids=tuple(fields.get("stop_token_ids") or ()),
         ignore_eos=bool(fields.get("ignore_eos")),
+        min_tokens=fields.get("min_tokens") or 0,
+        presence_penalty=fields.get("presence_penalty") or 0.0,
+        frequency_penalty=fields.get("frequency_penalty") or 0.0,
+        repetition_penalty=fields.get("repetition_penalty") or 1.0,
+        logit_bias=tuple((int(token), bias) for token, bias in (fields.get("logit_bias") or {}).items()),
+        logprobs=fields.get("logprobs"),
+        prompt_logprobs=fields.get("prompt_logprobs"),
+        guide=fields.get("guide"),
     )
