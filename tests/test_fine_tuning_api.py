@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from loraplex.api.app import create_app
 from loraplex.config import Settings
 from loraplex.engine_factory import build_engine
 from loraplex.training.supervisor import settings_env
+from tests.shared_models import shared_model
 
 KEYS = {"acme": "key-acme", "globex": "key-globex", "admin": "key-admin"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +78,7 @@ def create_job(client, who: str, file_id: str, hyperparameters: dict | None = No
                        json={"model": "demo", "training_file": file_id, "method": method, **extra})
 
 
-def wait_for(client, who: str, job_id: str, statuses: tuple[str, ...], timeout_s: float = 50) -> dict:
+def wait_for(client, who: str, job_id: str, statuses: tuple[str, ...], timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth(who)).json()
@@ -199,6 +201,55 @@ def test_keyword_job_beats_the_base_is_promoted_and_reports(client, monkeypatch,
     assert cli.job_report("http://testserver", KEYS["globex"], job["id"], None, out=io.StringIO()) == 2
 
 
+def shuffled_labels(data: bytes) -> bytes:
+    """The same prompts with their labels permuted across examples: only the answer format is learnable."""
+    lines = [json.loads(line) for line in data.decode().splitlines()]
+    labels = [line["completion"] for line in lines]
+    random.Random(0).shuffle(labels)
+    return "".join(json.dumps({**line, "completion": label}) + "\n" for line, label in zip(lines, labels)).encode()
+
+
+def test_a_worse_job_under_the_same_name_is_not_promoted_and_the_name_keeps_serving(client):
+    """Champion vs challenger over HTTP with the real worker: the keyword adapter (the test above) is the
+    incumbent; a job on the same prompts with shuffled labels beats the base (it learns the format) but
+    not the incumbent, so it is stored unpromoted and `acme/keywords` keeps serving the good version."""
+    good = client.get("/v1/adapters/acme/keywords", headers=auth("acme")).json()
+    good_id = f"acme/keywords@{good['version']}"
+    prompt = "Review: The staff were friendly.\nSentiment:"
+    before = complete(client, "acme", "acme/keywords", prompt).json()["choices"][0]["text"]
+    train = upload(client, "acme", shuffled_labels(LONG))
+    valid = upload(client, "acme", (REPO_ROOT / "adapters/examples/keywords_valid.jsonl").read_bytes(), "valid.jsonl")
+    job = create_job(client, "acme", train, {**KEYWORD_HP, "n_epochs": 2}, suffix="keywords", validation_file=valid).json()
+    done = wait_for(client, "acme", job["id"], ("succeeded", "failed", "cancelled"), timeout_s=180)
+    assert done["status"] == "succeeded", done
+    evaluation = done["evaluation"]
+    assert evaluation["promoted"] is False and evaluation["blocked_by"] == ["incumbent"], evaluation
+    assert evaluation["incumbent"] == good_id and done["fine_tuned_model"] == f"acme/keywords@{good['version'] + 1}"
+    assert evaluation["gain_ci"][0] > 0  # it does beat the base model...
+    assert evaluation["incumbent_gain_ci"][1] < 0  # ...but is surely worse than the incumbent
+    assert evaluation["base_valid_loss"] > evaluation["adapter_valid_loss"] > evaluation["incumbent_valid_loss"]
+    assert f"not better than the incumbent {good_id}" in evaluation["reason"]
+
+    assert client.get("/v1/adapters/acme/keywords", headers=auth("acme")).json()["version"] == good["version"]
+    assert complete(client, "acme", "acme/keywords", prompt).json()["choices"][0]["text"] == before
+    report = client.get(f"/v1/fine_tuning/jobs/{job['id']}/report", headers=auth("acme")).json()["evaluation"]
+    for field in ("base_valid_loss", "incumbent_valid_loss", "adapter_valid_loss", "gain_ci", "incumbent_gain_ci"):
+        assert report[field] == evaluation[field]
+    assert report["confidence_level"] == 0.95 and report["num_bootstrap_samples"] == 1000
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=auth("acme"), params={"limit": 100}).json()
+    warnings = [e["message"] for e in events["data"] if e["level"] == "warn"]
+    assert any(m.startswith(f"Evaluation: not promoted: not better than the incumbent {good_id}") for m in warnings)
+    assert any(e["message"].startswith("Contamination audit: 0 of 60 validation examples") for e in events["data"])
+
+    # continuing the adapter: the tenant's own may, another tenant may not, and the parent's shape is kept
+    for who, model, extra, param in (("globex", "acme/keywords", {}, "model"), ("acme", "acme/nothing", {}, "model"),
+                                     ("acme", good_id, {"lora_r": 4}, "lora_r"), ("acme", "gpt-4o", {}, "model")):
+        refused = client.post("/v1/fine_tuning/jobs", headers=auth(who), json={
+            "model": model, "training_file": upload(client, who, TINY),
+            "method": {"type": "supervised", "supervised": {"hyperparameters": extra}}})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+
+
 def borrowed_client(client):
     class Borrowed:  # the test app's client, without running its lifespan a second time
         def __init__(self, headers, **_):
@@ -271,6 +322,43 @@ def test_bad_requests_name_what_is_wrong(queue_only):
     legacy = c.post("/v1/fine_tuning/jobs", headers=auth("acme"),
                     json={"model": "demo", "training_file": acme_file, "hyperparameters": {"n_epochs": 0}})
     assert legacy.status_code == 400 and legacy.json()["error"]["param"] == "n_epochs"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"lora_r": 16}, "lora_r"), ({"bogus": 1}, "bogus"),
+    ({"method": {"type": "supervised", "bogus": 1}}, "method.bogus"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {}, "epochs": 2}}}, "method.supervised.epochs"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "gamma": 1}}}}, "method.dpo.hyperparameters.gamma"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}}, "method.supervised.hyperparameters.beta"),
+    ({"method": {"type": "supervised", "dpo": {}}}, "method.dpo"),
+    ({"method": {"type": "dpo", "dpo": {}}}, "training_file"),  # a prompt/completion file cannot train DPO
+    ({"method": {"type": "reinforcement"}}, "method.type"),
+])
+def test_unknown_or_misplaced_fields_are_400_naming_them_and_queue_nothing(queue_only, body, param):
+    file_id = upload(queue_only, "globex", TINY)
+    before = queue_only.get("/v1/fine_tuning/jobs", headers=auth("globex")).json()["data"]
+    response = queue_only.post("/v1/fine_tuning/jobs", headers=auth("globex"),
+                               json={"model": "demo", "training_file": file_id, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param and response.json()["error"]["type"] == "invalid_request_error"
+    assert queue_only.get("/v1/fine_tuning/jobs", headers=auth("globex")).json()["data"] == before
+
+
+def test_a_chat_file_on_a_model_without_chat_template_is_400_at_creation(tmp_path):
+    settings = make_settings(tmp_path, model=str(shared_model("stories260k")), start_local_worker=False, max_lora_rank=8)
+    engine = build_engine(settings)
+    engine.start()
+    try:
+        with TestClient(create_app(settings, engine)) as c:
+            chat = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+            file_id = upload(c, "acme", ((chat + "\n") * 4).encode(), "chat.jsonl")
+            response = c.post("/v1/fine_tuning/jobs", headers=auth("acme"),
+                              json={"model": engine.model_name, "training_file": file_id})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "training_file", response.text
+            assert "no chat template" in response.json()["error"]["message"]
+            assert c.get("/v1/fine_tuning/jobs", headers=auth("acme")).json()["data"] == []
+    finally:
+        engine.shutdown()
 
 
 def test_concurrent_job_limit_is_429_per_tenant(queue_only):

@@ -178,8 +178,14 @@ def test_truncation_is_counted_and_label_free_examples_dropped(tokenizer):
 
 def test_auto_resolves_to_documented_defaults():
     resolved = Hyperparameters().resolve(num_examples=200)
-    assert (resolved.n_epochs, resolved.batch_size, resolved.learning_rate) == (3, 8, BASE_LEARNING_RATE)
-    assert resolved.lora_alpha == 2 * resolved.lora_r and resolved.num_steps == 25 * 3
+    assert (resolved.n_epochs, resolved.batch_size, resolved.learning_rate) == (8, 8, BASE_LEARNING_RATE * 10)
+    assert resolved.lora_alpha == 2 * resolved.lora_r and resolved.num_steps == 25 * 8
+    large = Hyperparameters().resolve(num_examples=20_000)  # big sets: 3 epochs at the base rate
+    assert (large.n_epochs, large.learning_rate) == (3, BASE_LEARNING_RATE)
+    assert Hyperparameters().resolve(150).n_epochs == 10 and Hyperparameters().resolve(5000).learning_rate_multiplier == 2.0
+    with_replay = Hyperparameters().resolve(200, has_replay=True)  # a quarter as many replayed examples per epoch
+    assert (with_replay.replay_fraction, with_replay.num_steps) == (0.25, 32 * 8)
+    assert (resolved.max_forgetting_ratio, resolved.early_stopping_min_delta, resolved.beta) == (2.0, 0.0, 0.1)
     assert Hyperparameters().resolve(num_examples=3).batch_size == 3
     assert Hyperparameters(n_epochs=10, max_steps=7).resolve(200).num_steps == 7
 
@@ -198,6 +204,10 @@ def test_auto_resolves_to_documented_defaults():
         ({"learning_rate_multiplier": float("nan")}, "learning_rate_multiplier"),
         ({"learning_rate_multiplier": "fast"}, "learning_rate_multiplier"),
         ({"lora_r": 0}, "lora_r"),
+        ({"early_stopping_min_delta": -0.1}, "early_stopping_min_delta"),
+        ({"max_forgetting_ratio": 0.5}, "max_forgetting_ratio"),
+        ({"replay_fraction": 1.5}, "replay_fraction"),
+        ({"beta": 0}, "beta"),
         ({"lora_r": 65}, "lora_r"),
         ({"lora_alpha": 0}, "lora_alpha"),
         ({"lora_dropout": 0.6}, "lora_dropout"),

@@ -72,9 +72,9 @@ def test_without_a_validation_file_a_share_is_held_out(demo_model_dir, tmp_path)
     hp = Hyperparameters(n_epochs=1, batch_size=8, validation_split=0.25, seed=3)
     result = train_lora(demo_model_dir, random_labels(40, 0, seed=2), hp, tmp_path / "a")
     assert (result.validation_source, result.num_valid_examples, result.num_examples) == ("split", 10, 30)
-    assert result.base_valid_loss is not None and len(result.epochs) == 1
+    assert result.measurements.base_valid_loss is not None and len(result.epochs) == 1
     none = train_lora(demo_model_dir, random_labels(8, 0, seed=2), Hyperparameters(n_epochs=1), tmp_path / "b")
-    assert (none.validation_source, none.epochs, none.base_valid_loss) == ("none", (), None)  # too few to split
+    assert (none.validation_source, none.epochs, none.measurements.base) == ("none", (), None)  # too few to split
     assert evaluate_result(none, force=False)["promoted"] and "without a comparison" in evaluate_result(none, False)["reason"]
 
 

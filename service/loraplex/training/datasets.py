@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 PROMPT_COMPLETION = "prompt_completion"
 CHAT = "chat"
-DatasetFormat = Literal["prompt_completion", "chat"]
+PREFERENCE = "preference"  # OpenAI's DPO pairs, parsed in `preference`
+DatasetFormat = Literal["prompt_completion", "chat", "preference"]
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy default)
@@ -61,7 +62,7 @@ class ChatExample:
     messages: tuple[ChatMessage, ...]
 
 
-Example = PromptCompletion | ChatExample
+Example = PromptCompletion | ChatExample  # and preference.PreferenceExample in a preference file
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class _Problems:
             self.shown.append((line_no, message))
 
 
-_FORM_NAMES = {PROMPT_COMPLETION: "a prompt/completion", CHAT: "a chat (messages)"}
+_FORM_NAMES = {PROMPT_COMPLETION: "a prompt/completion", CHAT: "a chat (messages)", PREFERENCE: "a preference pair"}
 
 
 def _parse_line(raw: bytes, max_line_bytes: int) -> tuple[DatasetFormat, Example]:
@@ -157,6 +158,10 @@ def _parse_line(raw: bytes, max_line_bytes: int) -> tuple[DatasetFormat, Example
         raise ValueError("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
+    if "input" in obj or "preferred_output" in obj or "non_preferred_output" in obj:
+        from loraplex.training.preference import parse_preference  # it builds on this module's parsers
+
+        return PREFERENCE, parse_preference(obj)
     has_chat = "messages" in obj
     has_completion = "prompt" in obj or "completion" in obj
     if has_chat and has_completion:

@@ -22,6 +22,9 @@ class Score:
     loss: float  # mean cross-entropy per label token (nats)
     token_accuracy: float  # share of label tokens the argmax predicts
     num_tokens: int
+    example_losses: tuple[float, ...] = ()  # summed over each example's label tokens, in data order
+    example_tokens: tuple[int, ...] = ()  # label tokens per example: loss = sum(losses) / sum(tokens)
+    reward_margin: float | None = None  # DPO: mean reward margin (token_accuracy is then preference accuracy)
 
 
 def split_held_out(dataset: ParsedDataset, num_held_out: int, seed: int) -> tuple[ParsedDataset, ParsedDataset]:
@@ -52,7 +55,7 @@ def score(model, data: TokenizedDataset, pad_id: int, device: torch.device, chec
     """Loss and next-token accuracy over the label tokens of `data` (the model is left in eval mode).
     `check()` runs before every batch; it raises to abandon the evaluation (a cancelled job)."""
     model.eval()
-    total_loss, num_correct, num_labels = 0.0, 0, 0
+    num_correct, example_losses, example_tokens = 0, [], []
     for start in range(0, len(data.examples), EVAL_BATCH_SIZE):
         check()
         batch = collate(list(data.examples[start : start + EVAL_BATCH_SIZE]), pad_id)
@@ -61,10 +64,12 @@ def score(model, data: TokenizedDataset, pad_id: int, device: torch.device, chec
         logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]  # position t predicts token t+1
         mask = targets != IGNORE_INDEX  # [B, T-1]
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T-1]
-        total_loss += float(losses[mask].sum())
+        example_losses += (losses * mask).sum(dim=1).tolist()  # [B]
+        example_tokens += mask.sum(dim=1).tolist()  # [B]
         num_correct += int((logits.argmax(-1) == targets)[mask].sum())
-        num_labels += int(mask.sum())
-    return Score(total_loss / max(1, num_labels), num_correct / max(1, num_labels), num_labels)
+    num_labels = sum(example_tokens)
+    return Score(sum(example_losses) / max(1, num_labels), num_correct / max(1, num_labels), num_labels,
+                 tuple(example_losses), tuple(example_tokens))
 
 
 def reference_text() -> str:

@@ -40,6 +40,9 @@ MAX_VALIDATION_SPLIT = 0.5
 DEFAULT_VALIDATION_SPLIT = 0.1
 MIN_EXAMPLES_TO_SPLIT = 10  # fewer: nothing is held out (too few to train on and to judge with)
 DEFAULT_EARLY_STOPPING_PATIENCE = 3
+AUTO_EXAMPLES_SEEN = 1500  # auto n_epochs: about this many examples trained on in all
+MAX_AUTO_N_EPOCHS = 20
+AUTO_FULL_RATE_EXAMPLES = 20_000  # auto learning rate: the base rate from this many examples up
 MAX_LAYERS = 1024
 # Presets for `target_modules`: LoRA on the attention or on the MLP projections only.
 MODULE_PRESETS = {
@@ -48,10 +51,18 @@ MODULE_PRESETS = {
     "mlp": tuple(m for m in LORA_MODULES if m in ("gate_proj", "up_proj", "down_proj")),
 }
 OPENAI_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+DEFAULT_MAX_FORGETTING_RATIO = 2.0  # reference perplexity may at most double before promotion is refused
+MAX_FORGETTING_RATIO = 1e6
+DEFAULT_REPLAY_FRACTION = 0.25  # a continued job with replay data: a quarter as many replayed as new examples
+MAX_REPLAY_FRACTION = 1.0
+DEFAULT_BETA = 0.1  # DPO: how far the policy may move from the reference (larger: stays closer)
+MAX_BETA = 10.0
 EXTENSION_FIELDS = (
     "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "layers_to_transform",
     "top_k_layers", "layer_lr_decay", "weight_decay", "early_stopping_patience", "validation_split",
+    "early_stopping_min_delta", "max_forgetting_ratio", "replay_fraction", "beta",
 )
+SHAPE_FIELDS = ("lora_r", "lora_alpha", "target_modules", "use_rslora", "layers_to_transform", "top_k_layers")
 
 
 class HyperparameterError(ValueError):
@@ -80,6 +91,10 @@ class ResolvedHyperparameters:
     layer_lr_decay: float = 1.0  # layer l of L trains at lr * decay ** (L - 1 - l)
     weight_decay: float = 0.0  # decoupled, on the LoRA factors: pulls W' back towards the pre-trained W
     early_stopping_patience: int = DEFAULT_EARLY_STOPPING_PATIENCE  # 0: never stop early
+    early_stopping_min_delta: float = 0.0  # an epoch counts as better only if it lowers the loss by more
+    max_forgetting_ratio: float = DEFAULT_MAX_FORGETTING_RATIO  # reference perplexity adapter / base
+    replay_fraction: float = 0.0  # replayed examples per epoch, as a share of the training examples
+    beta: float = DEFAULT_BETA  # DPO only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,9 +102,9 @@ class ResolvedHyperparameters:
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    n_epochs: int | Auto = AUTO  # auto: DEFAULT_N_EPOCHS
+    n_epochs: int | Auto = AUTO  # auto: auto_n_epochs(dataset size)
     batch_size: int | Auto = AUTO  # auto: DEFAULT_BATCH_SIZE, or the dataset size if smaller
-    learning_rate_multiplier: float | Auto = AUTO  # auto: 1.0
+    learning_rate_multiplier: float | Auto = AUTO  # auto: auto_learning_rate_multiplier(size)
     lora_r: int = 8
     lora_alpha: int | None = None  # None: 2 * lora_r
     lora_dropout: float = 0.0
@@ -103,6 +118,10 @@ class Hyperparameters:
     weight_decay: float = 0.0
     early_stopping_patience: int | Auto = AUTO  # auto: DEFAULT_EARLY_STOPPING_PATIENCE epochs
     validation_split: float | Auto = AUTO  # share held out when there is no validation file; auto: 0.1
+    early_stopping_min_delta: float = 0.0
+    max_forgetting_ratio: float | Auto = AUTO  # auto: DEFAULT_MAX_FORGETTING_RATIO
+    replay_fraction: float | Auto = AUTO  # auto: DEFAULT_REPLAY_FRACTION when there is replay data
+    beta: float | Auto = AUTO  # DPO; auto: DEFAULT_BETA
 
     @classmethod
     def from_request(cls, requested: dict, seed: int, max_steps: int | None = None) -> Hyperparameters:
@@ -143,16 +162,19 @@ class Hyperparameters:
         _check_transfer(self)
 
     def resolve(self, num_examples: int, max_lora_rank: int = MAX_LORA_R,
-                num_layers: int | None = None) -> ResolvedHyperparameters:
+                num_layers: int | None = None, has_replay: bool = False) -> ResolvedHyperparameters:
         """Validate, then replace every "auto" for a dataset of `num_examples` examples and a model of
         `num_layers` layers (None: layer indices are checked by the trainer, which knows the model)."""
         self.validate(max_lora_rank)
         if num_examples < 1:
             raise HyperparameterError("training_file", "the dataset holds no usable example")
-        n_epochs = DEFAULT_N_EPOCHS if self.n_epochs == AUTO else self.n_epochs
         batch_size = min(DEFAULT_BATCH_SIZE, num_examples) if self.batch_size == AUTO else self.batch_size
-        multiplier = 1.0 if self.learning_rate_multiplier == AUTO else float(self.learning_rate_multiplier)
-        num_steps = math.ceil(num_examples / batch_size) * n_epochs
+        n_epochs = auto_n_epochs(num_examples) if self.n_epochs == AUTO else self.n_epochs
+        multiplier = (auto_learning_rate_multiplier(num_examples) if self.learning_rate_multiplier == AUTO
+                      else float(self.learning_rate_multiplier))
+        replay_fraction = self._replay_fraction(has_replay)
+        num_replayed = round(replay_fraction * num_examples)
+        num_steps = math.ceil((num_examples + num_replayed) / batch_size) * n_epochs
         if self.max_steps is not None:
             num_steps = min(num_steps, self.max_steps)
         if num_steps > MAX_STEPS:
@@ -174,7 +196,20 @@ class Hyperparameters:
             weight_decay=float(self.weight_decay),
             early_stopping_patience=(DEFAULT_EARLY_STOPPING_PATIENCE if self.early_stopping_patience == AUTO
                                      else self.early_stopping_patience),
+            early_stopping_min_delta=float(self.early_stopping_min_delta),
+            max_forgetting_ratio=(DEFAULT_MAX_FORGETTING_RATIO if self.max_forgetting_ratio == AUTO
+                                  else float(self.max_forgetting_ratio)),
+            replay_fraction=replay_fraction,
+            beta=DEFAULT_BETA if self.beta == AUTO else float(self.beta),
         )
+
+    def _replay_fraction(self, has_replay: bool) -> float:
+        if self.replay_fraction == AUTO:
+            return DEFAULT_REPLAY_FRACTION if has_replay else 0.0
+        if self.replay_fraction > 0 and not has_replay:
+            raise HyperparameterError("replay_fraction", "there is no replay data: give replay_file, or continue "
+                                      "training an adapter whose training file you still own")
+        return float(self.replay_fraction)
 
     def _layers(self, num_layers: int | None) -> tuple[int, ...] | None:
         if self.top_k_layers is not None:
@@ -188,6 +223,18 @@ class Hyperparameters:
         if num_layers is not None and max(self.layers_to_transform) >= num_layers:
             raise HyperparameterError("layers_to_transform", f"the model has layers 0..{num_layers - 1}, got {list(self.layers_to_transform)}")
         return tuple(sorted(set(self.layers_to_transform)))
+
+
+def auto_n_epochs(num_examples: int) -> int:
+    """Enough epochs that a small dataset is seen AUTO_EXAMPLES_SEEN times in all, between 3 and 20:
+    a 150-row task gets 10 epochs, a 10,000-row one 3. Early stopping ends a run that needs fewer."""
+    return max(DEFAULT_N_EPOCHS, min(MAX_AUTO_N_EPOCHS, math.ceil(AUTO_EXAMPLES_SEEN / num_examples)))
+
+
+def auto_learning_rate_multiplier(num_examples: int) -> float:
+    """Fewer examples mean fewer steps to learn in, so a higher rate: 10x the base below 200 examples,
+    falling as 1/sqrt(size) to 1x at 20,000. The best epoch is kept, so an overshoot late costs nothing."""
+    return float(min(MAX_LEARNING_RATE_MULTIPLIER, max(1.0, math.sqrt(AUTO_FULL_RATE_EXAMPLES / num_examples))))
 
 
 def learning_rate_at(step: int, num_steps: int, peak: float) -> float:
@@ -218,6 +265,12 @@ def _check_int_or_auto(param: str, value, low: int, high: int) -> None:
 def _check_number(param: str, value) -> None:
     if not (isinstance(value, int | float) and not isinstance(value, bool)) or not math.isfinite(value):
         raise HyperparameterError(param, f"must be a number, got {value!r}")
+
+
+def _check_range(param: str, value, low: float, high: float) -> None:
+    _check_number(param, value)
+    if not low <= value <= high:
+        raise HyperparameterError(param, f"must be between {low:g} and {high:g}, got {value}")
 
 
 def _check_multiplier(value) -> None:
@@ -258,6 +311,15 @@ def _check_transfer(hp: Hyperparameters) -> None:
     if not 0 <= hp.weight_decay <= MAX_WEIGHT_DECAY:
         raise HyperparameterError("weight_decay", f"must be between 0 and {MAX_WEIGHT_DECAY:g}, got {hp.weight_decay}")
     _check_int_or_auto("early_stopping_patience", hp.early_stopping_patience, 0, MAX_N_EPOCHS)
+    _check_range("early_stopping_min_delta", hp.early_stopping_min_delta, 0.0, 10.0)
+    if hp.max_forgetting_ratio != AUTO:
+        _check_range("max_forgetting_ratio", hp.max_forgetting_ratio, 1.0, MAX_FORGETTING_RATIO)
+    if hp.replay_fraction != AUTO:
+        _check_range("replay_fraction", hp.replay_fraction, 0.0, MAX_REPLAY_FRACTION)
+    if hp.beta != AUTO:
+        _check_number("beta", hp.beta)
+        if not 0 < hp.beta <= MAX_BETA:
+            raise HyperparameterError("beta", f"must be > 0 and <= {MAX_BETA:g}, got {hp.beta}")
     if hp.validation_split != AUTO:
         _check_number("validation_split", hp.validation_split)
         if not 0 <= hp.validation_split <= MAX_VALIDATION_SPLIT:

@@ -25,6 +25,7 @@ CLAIMED = (VALIDATING_FILES, RUNNING)  # a worker owns the job and must keep its
 ACTIVE = (QUEUED, *CLAIMED)  # count against the tenant's concurrent-job limit
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 WORKER_LOST = "worker_lost"
+SUPERVISED, DPO = "supervised", "dpo"
 
 
 class JobNotFound(RegistryError):
@@ -75,6 +76,9 @@ class JobRecord:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     force_promotion: bool = False  # publish as the latest version even if it does not beat the base model
     evaluation: dict[str, Any] | None = None  # base vs adapter scores and the promotion decision (promotion.py)
+    method: str = SUPERVISED  # "supervised" | "dpo"
+    parent_model: str | None = None  # continued training: the adapter version it starts from, `<t>/<n>@<v>`
+    replay_file: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -156,3 +160,11 @@ def reap_stale(store: JobStore, stale_after_s: float) -> list[JobRecord]:
 
 def has_pending_jobs(store: JobStore) -> bool:
     return any(job.status == QUEUED for job in store.list(None))
+
+
+def parent_job(store: JobStore, tenant: str, versioned_id: str) -> JobRecord | None:
+    """The tenant's succeeded job that produced adapter version `versioned_id`, if it is still on record."""
+    for job in store.list(tenant):
+        if job.status == SUCCEEDED and job.fine_tuned_model == versioned_id:
+            return job
+    return None

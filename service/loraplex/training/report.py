@@ -1,4 +1,4 @@
-"""A fine-tuning job's report: loss curves and the base-vs-adapter comparison, as JSON and as a PNG.
+"""A fine-tuning job's report: loss curves and the base / incumbent / adapter comparison, as JSON and PNG.
 
 The JSON is built from the job's own events (every logged step's training loss, every epoch's
 validation score) and its `evaluation` record, so it says exactly what the events said. The PNG draws
@@ -45,10 +45,10 @@ def render_png(report: dict[str, Any]) -> bytes:
     curves, validation, reference = figure.subplots(1, 3, width_ratios=[2.2, 1, 1])
     _draw_curves(curves, report)
     evaluation = report.get("evaluation") or {}
-    _draw_pair(validation, "validation loss (lower is better)", evaluation.get("base_valid_loss"),
-               evaluation.get("adapter_valid_loss"), _accuracy_note(evaluation))
-    _draw_pair(reference, "reference-text perplexity (forgetting)", evaluation.get("reference_perplexity_base"),
-               evaluation.get("reference_perplexity_adapter"), _ratio_note(evaluation))
+    _draw_bars(validation, "validation loss (lower is better)", _validation_bars(evaluation), _accuracy_note(evaluation))
+    _draw_bars(reference, "reference-text perplexity (forgetting)",
+               {"base": evaluation.get("reference_perplexity_base"), "adapter": evaluation.get("reference_perplexity_adapter")},
+               _ratio_note(evaluation))
     figure.suptitle(_title(report), fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -78,24 +78,40 @@ def _draw_curves(ax, report: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _draw_pair(ax, title: str, base: float | None, adapter: float | None, note: str) -> None:
+BAR_COLORS = {"base": "gray", "incumbent": "tab:blue", "adapter": "tab:orange"}
+
+
+def _validation_bars(evaluation: dict[str, Any]) -> dict[str, float | None]:
+    """base, the incumbent (when the name served one) and the new adapter, on the same validation examples."""
+    bars = {"base": evaluation.get("base_valid_loss")}
+    if evaluation.get("incumbent_valid_loss") is not None:
+        bars[f"incumbent\n{evaluation.get('incumbent')}"] = evaluation["incumbent_valid_loss"]
+    bars["adapter"] = evaluation.get("adapter_valid_loss")
+    return bars
+
+
+def _draw_bars(ax, title: str, values: dict[str, float | None], note: str) -> None:
     ax.set_title(title, fontsize=10)
-    if base is None or adapter is None:
+    if any(value is None for value in values.values()):
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])
         return
-    bars = ax.bar(["base", "adapter"], [base, adapter], color=["gray", "tab:orange"])
+    colors = [BAR_COLORS[label.split("\n")[0]] for label in values]
+    bars = ax.bar(list(values), list(values.values()), color=colors)
     ax.bar_label(bars, fmt="%.3g", fontsize=8)
-    ax.set_ylim(0, max(base, adapter) * 1.2)
+    ax.set_ylim(0, max(values.values()) * 1.2)
     ax.text(0.5, -0.16, note, ha="center", transform=ax.transAxes, fontsize=8)
 
 
 def _accuracy_note(evaluation: dict[str, Any]) -> str:
-    base, adapter = evaluation.get("base_valid_mean_token_accuracy"), evaluation.get("adapter_valid_mean_token_accuracy")
-    if base is None or adapter is None:
+    if evaluation.get("gain") is None:
         return ""
-    return f"token accuracy {base:.2f} -> {adapter:.2f}; gain {evaluation['gain']:+.3f} nats"
+    note = f"gain vs base {evaluation['gain']:+.3f} nats, 95% CI [{evaluation['gain_ci'][0]:+.3f}, {evaluation['gain_ci'][1]:+.3f}]"
+    if evaluation.get("incumbent_gain") is not None:
+        low, high = evaluation["incumbent_gain_ci"]
+        note += f"\nvs incumbent {evaluation['incumbent_gain']:+.3f}, CI [{low:+.3f}, {high:+.3f}]"
+    return note
 
 
 def _ratio_note(evaluation: dict[str, Any]) -> str:

@@ -1,29 +1,34 @@
 """Train one LoRA adapter on a parsed dataset and write it where the engine can serve it.
 
-One call, no framework: load the base model (fp32 on CPU, bf16 on CUDA), wrap it with PEFT, run AdamW
-over the LoRA weights only (one group per layer), score every epoch on validation data and keep the
-best epoch, score the base model on the same data, then `save_pretrained` into a staging
-directory that is renamed into place, so `out_dir` is either a complete adapter or absent. The caller
-(the job worker) owns queueing, persistence and progress reporting; it observes a run through
-`on_event` and stops it through `should_stop`, which is polled before every optimizer step.
+One call, no framework: load the base model (fp32 on CPU, bf16 on CUDA), wrap it with PEFT (a fresh
+LoRA, or a served adapter's weights to continue from), run AdamW over the LoRA weights only (one group
+per layer) on the objective (next-token loss, or DPO on preference pairs), score every epoch on
+validation data and keep the best epoch, then score the base model, the incumbent version and the
+parent's validation data (`measurements`), and `save_pretrained` into a staging directory that is
+renamed into place, so `out_dir` is either a complete adapter or absent. The caller (the job worker)
+owns queueing, persistence and progress reporting; it observes a run through `on_event` and stops it
+through `should_stop`, which is polled before every optimizer step.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from loraplex.fsutil import staging_dir
-from loraplex.training.datasets import DatasetError, ParsedDataset, TokenizedDataset, tokenize_dataset
-from loraplex.training.evaluation import collate, perplexity, reference_text, reference_windows, score, split_held_out
+from loraplex.training.datasets import PREFERENCE, DatasetError, ParsedDataset, TokenizedDataset, tokenize_dataset
+from loraplex.training.evaluation import split_held_out
 from loraplex.training.hyperparams import MAX_LORA_R, Hyperparameters, ResolvedHyperparameters, learning_rate_at
+from loraplex.training.measurements import Measurements, measure, parent_loss
+from loraplex.training.objectives import SupervisedObjective
 from loraplex.training.transfer import BestEpoch, EpochScore, lora_config, param_groups
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,17 @@ class TrainEvent:
 
 
 @dataclass(frozen=True)
+class Continuation:
+    """Where a run starts and what it must not forget: `init_adapter` (a served adapter's directory: its
+    weights, rank and modules), `replay` (earlier examples mixed into every epoch) and
+    `parent_validation` (the parent's validation data, scored before and after)."""
+
+    init_adapter: Path | None = None
+    replay: ParsedDataset | None = None
+    parent_validation: ParsedDataset | None = None
+
+
+@dataclass(frozen=True)
 class TrainResult:
     out_dir: Path
     num_steps: int
@@ -65,7 +81,7 @@ class TrainResult:
     num_truncated: int  # examples cut to max_len
     num_dropped: int  # examples left with no trained token after truncation
     valid_loss: float | None = None  # the kept (best) epoch's, i.e. the written adapter's
-    valid_token_accuracy: float | None = None
+    valid_token_accuracy: float | None = None  # DPO: preference accuracy
     checkpoints: tuple[Path, ...] = field(default=())
     validation_source: str = "none"  # "file" | "split" (held out of the training file) | "none"
     num_valid_examples: int = 0
@@ -73,10 +89,10 @@ class TrainResult:
     best_epoch: int | None = None
     best_step: int | None = None
     stopped_early: bool = False
-    base_valid_loss: float | None = None  # the base model (adapter disabled) on the same validation set
-    base_valid_token_accuracy: float | None = None
-    reference_perplexity_base: float | None = None  # general reference text, without and with the adapter
-    reference_perplexity_adapter: float | None = None
+    method: str = "supervised"
+    initial_valid_loss: float | None = None  # before the first step: the starting weights (base or parent)
+    num_replayed_per_epoch: int = 0
+    measurements: Measurements = field(default_factory=Measurements)  # base, incumbent, forgetting
 
 
 def train_lora(
@@ -93,14 +109,20 @@ def train_lora(
     max_len: int = DEFAULT_MAX_LEN,
     checkpoint_every_epochs: int | None = None,
     max_lora_rank: int | None = None,
+    continuation: Continuation = Continuation(),
+    incumbent: Path | None = None,
+    validation_source: str = "file",
 ) -> TrainResult:
     """Train on `dataset`, write the adapter to `out_dir` (which must not exist) and return what happened.
 
-    Without `validation`, a share of `dataset` is held out (hp.validation_split). With validation data,
-    every epoch is scored, training stops early after `early_stopping_patience` epochs without a better
-    validation loss, the best epoch's weights are the ones written, and the base model is scored on the
-    same data for the negative-transfer guard. Raises HyperparameterError / DatasetError before any
-    heavy work, TrainingCancelled when stopped.
+    A preference dataset trains with DPO, any other with next-token loss. Without `validation`, a share
+    of `dataset` is held out (hp.validation_split). With validation data, every epoch is scored,
+    training stops early after `early_stopping_patience` epochs without a validation loss lower by more
+    than `early_stopping_min_delta`, the best epoch's weights are the ones written, and the base model
+    and `incumbent` (the adapter version the name serves now) are scored on the same data for the
+    promotion decision. `validation_source` says where given `validation` came from ("split": the
+    caller held it out already). Raises HyperparameterError / DatasetError before any heavy work,
+    TrainingCancelled when stopped.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -113,58 +135,89 @@ def train_lora(
     model_config = AutoConfig.from_pretrained(model_dir)
     model_max_len = min(max_len, int(getattr(model_config, "max_position_embeddings", DEFAULT_MAX_LEN)))
     num_layers = int(model_config.num_hidden_layers)
-    source = "file" if validation is not None else "none"
+    source = validation_source if validation is not None else "none"
     if validation is None and (num_held_out := hp.num_held_out(len(dataset))):
         dataset, validation, source = *split_held_out(dataset, num_held_out, hp.seed), "split"
-    train_set = _tokenize_or_refuse(tokenizer, dataset, model_max_len)
-    hp_resolved = hp.resolve(len(train_set.examples), max_lora_rank or MAX_LORA_R, num_layers)
-    valid_set = tokenize_dataset(tokenizer, validation, model_max_len) if validation is not None else None
-    if valid_set is not None and not valid_set.examples:
-        valid_set, source = None, "none"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hp_resolved = hp.resolve(len(dataset), max_lora_rank or MAX_LORA_R, num_layers, continuation.replay is not None)
+    if continuation.init_adapter is not None:
+        hp_resolved = inherit_shape(hp_resolved, continuation.init_adapter)
+    objective, data_stats = _objective(dataset, validation, continuation.replay, tokenizer, hp_resolved, pad_id,
+                                       torch_device, model_max_len)
+    if not data_stats["has_validation"]:
+        source = "none"
     with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
         torch.manual_seed(hp_resolved.seed)  # LoRA init and dropout
-        model = _load_peft_model(model_dir, hp_resolved, torch_device)
-        loop = _TrainLoop(model, hp_resolved, num_layers, train_set, pad_id, torch_device, on_event, should_stop)
-        tracker = BestEpoch(hp_resolved.early_stopping_patience)
-        checkpoints = loop.run(out_dir, checkpoint_every_epochs, valid_set, tracker, on_epoch)
+        model = _load_peft_model(model_dir, hp_resolved, torch_device, continuation.init_adapter)
+        loop = _TrainLoop(model, hp_resolved, num_layers, objective, on_event, should_stop)
+        objective.prepare(model, loop.check)
+        initial = objective.evaluate(model, loop.check) if data_stats["has_validation"] else None
+        parent_set = _parent_set(tokenizer, continuation.parent_validation, model_max_len)
+        parent_before = parent_loss(model, parent_set, pad_id, torch_device, loop.check)
+        tracker = BestEpoch(hp_resolved.early_stopping_patience, hp_resolved.early_stopping_min_delta)
+        checkpoints = loop.run(out_dir, checkpoint_every_epochs, data_stats["has_validation"], tracker, on_epoch)
         tracker.restore_best(loop.named_trainable)
-        scores = _final_scores(model, tokenizer, valid_set, pad_id, torch_device, model_max_len, loop.check)
+        measurements = measure(model, objective, tokenizer, pad_id, torch_device, model_max_len, loop.check,
+                               best=tracker.best, incumbent=incumbent, parent_set=parent_set, parent_before=parent_before)
     if should_stop():
         raise TrainingCancelled(loop.step)
     _save_adapter(model, out_dir)
     best = tracker.best  # its weights are the ones restored and written: its scores are the adapter's
-    if best is not None:
-        scores.update(valid_loss=best.valid_loss, valid_token_accuracy=best.valid_token_accuracy)
     return TrainResult(
         out_dir=out_dir, num_steps=loop.step, final_loss=loop.last_epoch_loss, train_tokens=loop.num_tokens,
         elapsed_s=time.monotonic() - started, hyperparameters=hp_resolved, device=str(torch_device),
-        num_examples=len(train_set.examples), num_truncated=train_set.num_truncated, num_dropped=train_set.num_dropped,
-        checkpoints=tuple(checkpoints), validation_source=source,
-        num_valid_examples=len(valid_set.examples) if valid_set else 0, epochs=tuple(tracker.history),
-        best_epoch=best and best.epoch, best_step=best and best.step, stopped_early=loop.stopped_early, **scores,
+        num_examples=objective.num_examples, num_truncated=data_stats["num_truncated"],
+        num_dropped=data_stats["num_dropped"], checkpoints=tuple(checkpoints), validation_source=source,
+        num_valid_examples=data_stats["num_valid"], epochs=tuple(tracker.history),
+        best_epoch=best and best.epoch, best_step=best and best.step, stopped_early=loop.stopped_early,
+        valid_loss=best and best.valid_loss, valid_token_accuracy=best and best.valid_token_accuracy,
+        method=objective.method, initial_valid_loss=initial and initial.loss,
+        num_replayed_per_epoch=objective.num_replayed, measurements=measurements,
     )
 
 
-def _final_scores(model, tokenizer, valid_set, pad_id, device, max_len, check) -> dict[str, float | None]:
-    """The kept adapter on the reference text, and the base model (adapter disabled) on it and on the
-    validation set. (The kept adapter's validation score is its epoch's, already measured.)"""
-    windows = reference_windows(tokenizer, reference_text(), max_len)
-    scores = {"reference_perplexity_adapter": perplexity(model, windows, pad_id, device, check)}
-    with model.disable_adapter():
-        scores["reference_perplexity_base"] = perplexity(model, windows, pad_id, device, check)
-        if valid_set is not None:
-            base = score(model, valid_set, pad_id, device, check)
-            scores.update(base_valid_loss=base.loss, base_valid_token_accuracy=base.token_accuracy)
-    return scores
+def inherit_shape(hp: ResolvedHyperparameters, adapter_dir: Path) -> ResolvedHyperparameters:
+    """A continued adapter keeps its parent's rank, alpha, modules, layers and scaling."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    layers = config.get("layers_to_transform")
+    return replace(hp, lora_r=int(config["r"]), lora_alpha=config["lora_alpha"],
+                   target_modules=tuple(sorted(config["target_modules"])), use_rslora=bool(config.get("use_rslora")),
+                   layers_to_transform=tuple(layers) if layers is not None else None)
+
+
+def _objective(dataset, validation, replay, tokenizer, hp, pad_id, device, max_len):
+    """The run's objective and what tokenizing its data found."""
+    if dataset.format == PREFERENCE:
+        from loraplex.training.dpo import DpoObjective, tokenize_pairs
+
+        valid = tokenize_pairs(tokenizer, validation, max_len) if validation is not None and len(validation) else None
+        replay_pairs = tokenize_pairs(tokenizer, replay, max_len) if replay is not None else None
+        objective = DpoObjective(tokenize_pairs(tokenizer, dataset, max_len), valid, replay_pairs, hp, pad_id, device)
+        stats = {"num_truncated": 0, "num_dropped": 0, "num_valid": len(valid or ())}
+    else:
+        train = _tokenize_or_refuse(tokenizer, dataset, max_len)
+        valid = tokenize_dataset(tokenizer, validation, max_len) if validation is not None else None
+        valid = valid if valid is not None and valid.examples else None
+        replay_set = tokenize_dataset(tokenizer, replay, max_len) if replay is not None else None
+        objective = SupervisedObjective(train, valid, replay_set, hp, pad_id, device)
+        stats = {"num_truncated": train.num_truncated, "num_dropped": train.num_dropped,
+                 "num_valid": len(valid.examples) if valid else 0}
+    return objective, {**stats, "has_validation": stats["num_valid"] > 0}
+
+
+def _parent_set(tokenizer, parent_validation: ParsedDataset | None, max_len: int) -> TokenizedDataset | None:
+    """The parent's validation data for the forgetting measure (next-token loss: not for preference pairs)."""
+    if parent_validation is None or parent_validation.format == PREFERENCE:
+        return None
+    tokenized = tokenize_dataset(tokenizer, parent_validation, max_len)
+    return tokenized if tokenized.examples else None
 
 
 class _TrainLoop:
     """The optimizer loop; holds the step counter and running losses the result reports."""
 
-    def __init__(self, model, hp: ResolvedHyperparameters, num_layers: int, data: TokenizedDataset, pad_id: int,
-                 device, on_event, should_stop):
-        self.model, self.hp, self.data, self.pad_id, self.device = model, hp, data, pad_id, device
+    def __init__(self, model, hp: ResolvedHyperparameters, num_layers: int, objective, on_event, should_stop):
+        self.model, self.hp, self.objective = model, hp, objective
         self.on_event, self.should_stop = on_event, should_stop
         self.named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}  # LoRA A/B only
         groups = param_groups(model, hp, num_layers)
@@ -182,14 +235,14 @@ class _TrainLoop:
         if self.should_stop():
             raise TrainingCancelled(self.step)
 
-    def run(self, out_dir: Path, checkpoint_every_epochs: int | None, valid_set: TokenizedDataset | None,
+    def run(self, out_dir: Path, checkpoint_every_epochs: int | None, has_validation: bool,
             tracker: BestEpoch, on_epoch) -> list[Path]:
         checkpoints = []
         pending: list[float] = []  # losses since the last event
         for epoch in range(1, self.hp.n_epochs + 1):
             self.model.train()
             epoch_losses = []
-            for batch in _batches(self.data, self.hp.batch_size, self.hp.seed + epoch, self.pad_id):
+            for batch in self.objective.epoch_batches(epoch):
                 if self.step >= self.hp.num_steps:
                     break
                 self.check()
@@ -201,9 +254,10 @@ class _TrainLoop:
                     pending = []
             if epoch_losses:
                 self.last_epoch_loss = sum(epoch_losses) / len(epoch_losses)
-            if valid_set is not None and epoch_losses:
-                valid = score(self.model, valid_set, self.pad_id, self.device, self.check)
-                epoch_score = EpochScore(epoch, self.step, self.last_epoch_loss, valid.loss, valid.token_accuracy)
+            if has_validation and epoch_losses:
+                valid = self.objective.evaluate(self.model, self.check)
+                epoch_score = EpochScore(epoch, self.step, self.last_epoch_loss, valid.loss, valid.token_accuracy,
+                                         valid.reward_margin, valid)
                 tracker.update(epoch_score, self.named_trainable)
                 on_epoch(epoch_score)
                 if tracker.should_stop() and self.step < self.hp.num_steps:
@@ -215,31 +269,23 @@ class _TrainLoop:
                 checkpoints.append(_save_adapter(self.model, _checkpoint_dir(out_dir, epoch), replace=True))
         return checkpoints
 
-    def _optimizer_step(self, batch: dict[str, torch.Tensor]) -> float:
+    def _optimizer_step(self, batch) -> float:
         lr = learning_rate_at(self.step, self.hp.num_steps, self.hp.learning_rate)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # layer-wise decay: the top layer trains at `lr`
-        batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
-        loss = self.model(**batch).loss  # mean over label tokens of the whole batch
+        loss, num_tokens = self.objective.loss(self.model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.num_tokens += int(batch["attention_mask"].sum())
+        self.num_tokens += num_tokens
         self.last_lr = lr
         return float(loss.detach())
 
     def _emit(self, epoch: int, loss: float) -> None:
         elapsed = time.monotonic() - self.started
         self.on_event(TrainEvent(self.step, epoch, loss, self.last_lr, self.hp.num_steps, elapsed))
-
-
-def _batches(data: TokenizedDataset, batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch in a seeded shuffled order, each batch right-padded to its longest example."""
-    order = torch.randperm(len(data.examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    for start in range(0, len(order), batch_size):
-        yield collate([data.examples[i] for i in order[start : start + batch_size]], pad_id)
 
 
 def _pick_device(device: str) -> torch.device:
@@ -257,15 +303,18 @@ def _tokenize_or_refuse(tokenizer, dataset: ParsedDataset, max_len: int) -> Toke
     return tokenized
 
 
-def _load_peft_model(model_dir: Path, hp: ResolvedHyperparameters, device: torch.device):
-    from peft import get_peft_model
+def _load_peft_model(model_dir: Path, hp: ResolvedHyperparameters, device: torch.device, init_adapter: Path | None):
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     base.config.use_cache = False  # no KV cache while training
     # PEFT keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype), so updates are not rounded away.
-    return get_peft_model(base, lora_config(hp))
+    if init_adapter is None:
+        return get_peft_model(base, lora_config(hp))
+    # the parent's shape (hp inherited it), this job's dropout
+    return PeftModel.from_pretrained(base, init_adapter, is_trainable=True, config=lora_config(hp))
 
 
 def _checkpoint_dir(out_dir: Path, epoch: int) -> Path:

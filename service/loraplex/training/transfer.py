@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,14 +62,18 @@ class EpochScore:
     step: int
     train_loss: float
     valid_loss: float
-    valid_token_accuracy: float
+    valid_token_accuracy: float  # DPO: preference accuracy
+    valid_reward_margin: float | None = None  # DPO only
+    score: Any = None  # the evaluation.Score behind it (per-example losses, for the paired bootstrap)
 
 
 @dataclass
 class BestEpoch:
-    """Tracks validation loss per epoch; `should_stop` after `patience` epochs without improvement (0: never)."""
+    """Tracks validation loss per epoch; `should_stop` after `patience` epochs without an improvement larger
+    than `min_delta` (0: never stop)."""
 
     patience: int
+    min_delta: float = 0.0
     history: list[EpochScore] = field(default_factory=list)
     best: EpochScore | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -76,7 +81,7 @@ class BestEpoch:
     def update(self, score: EpochScore, trainable: dict[str, torch.nn.Parameter]) -> bool:
         """Record `score`; True if it is the best so far (its weights are copied)."""
         self.history.append(score)
-        if self.best is not None and not score.valid_loss < self.best.valid_loss:
+        if self.best is not None and not score.valid_loss < self.best.valid_loss - self.min_delta:
             return False
         self.best = score
         self.best_state = {name: param.detach().clone() for name, param in trainable.items()}

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from loraplex.config import Settings
 from loraplex.registry.auth import Principal
+from loraplex.registry.local_store import AdapterNotFound
 from loraplex.registry.service import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.registry.versioned_store import AdapterVersion
 from loraplex.training.datasets import DatasetError
 from loraplex.training.files import FileNotFound, FileStore
 from loraplex.training.hyperparams import HyperparameterError, Hyperparameters
@@ -32,9 +34,11 @@ from loraplex.training.jobs import (
     CANCELLED, CLAIMED, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore, make_event, reap_stale,
 )
 from loraplex.training.job_store import build_job_store
+from loraplex.training.contamination import audit, describe
+from loraplex.training.job_inputs import adapter_name, load_inputs
 from loraplex.training.promotion import evaluate_result
 from loraplex.training.supervisor import PARENT_PID_ENV
-from loraplex.training.trainer import TrainingCancelled, train_lora  # cancelled: by a user, the reaper or shutdown
+from loraplex.training.trainer import Continuation, TrainingCancelled, train_lora  # cancelled: user, reaper, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -85,38 +89,61 @@ class Worker:
 
     def _train_and_publish(self, job: JobRecord, work_dir: Path, progress: _Progress) -> None:
         self.store.add_event(job.id, make_event(f"Validating training file: {job.training_file}"))
-        train = self.files.dataset(self.files.get(job.tenant, job.training_file, param="training_file"))
-        valid = None
-        if job.validation_file:
-            valid = self.files.dataset(self.files.get(job.tenant, job.validation_file, param="validation_file"))
         hp = Hyperparameters.from_request(job.hyperparameters, job.seed, self.settings.max_train_steps)
-        num_held_out = 0 if valid is not None else hp.num_held_out(len(train))  # what train_lora will hold out
-        resolved = hp.resolve(len(train) - num_held_out, self.settings.max_lora_rank, _num_layers(self.model_dir))
+        parent = self._lookup(job.parent_model) if job.parent_model else None
+        if job.parent_model and parent is None:
+            raise HyperparameterError("model", f"{job.parent_model} was deleted after the job was created")
+        inputs = load_inputs(job, self.files, self.store, hp, parent.path if parent else None)
+        incumbent = self._lookup(f"{job.tenant}/{adapter_name(job)}")
+        resolved = hp.resolve(len(inputs.train), self.settings.max_lora_rank, _num_layers(self.model_dir),
+                              has_replay=inputs.replay is not None)
         if self.store.update(job.id, expect=CLAIMED, status=RUNNING, num_steps=resolved.num_steps,
                              resolved_hyperparameters=resolved.to_dict()) is None:
             raise TrainingCancelled(0)  # cancelled or reaped meanwhile
         self.store.add_event(job.id, make_event("Fine-tuning job started."))
-        self.store.add_event(job.id, make_event(_validation_message(len(train), num_held_out, valid)))
-        result = train_lora(self.model_dir, train, hp, work_dir / "adapter", on_event=progress.on_event,
-                            should_stop=progress.should_stop, validation=valid, device=self.settings.device,
-                            max_lora_rank=self.settings.max_lora_rank, on_epoch=progress.on_epoch)
+        self.store.add_event(job.id, make_event(_validation_message(inputs)))
+        contamination = audit(inputs.train, inputs.validation, inputs.replay)
+        if contamination is not None:
+            level = "warn" if contamination["warned"] else "info"
+            self.store.add_event(job.id, make_event(describe(contamination), level=level))  # numbers: evaluation
+        continuation = Continuation(inputs.parent_dir, inputs.replay, inputs.parent_validation)
+        result = train_lora(self.model_dir, inputs.train, hp, work_dir / "adapter", on_event=progress.on_event,
+                            should_stop=progress.should_stop, validation=inputs.validation, device=self.settings.device,
+                            max_lora_rank=self.settings.max_lora_rank, on_epoch=progress.on_epoch,
+                            continuation=continuation, incumbent=incumbent.path if incumbent else None,
+                            validation_source=inputs.validation_source)
         if progress.should_stop(force=True):
             raise TrainingCancelled(result.num_steps)
-        evaluation = evaluate_result(result, force=job.force_promotion)
+        evaluation = evaluate_result(result, force=job.force_promotion,
+                                     incumbent_id=incumbent.versioned_id if incumbent else None,
+                                     parent_model=job.parent_model)
+        evaluation.update(contamination=contamination, replay_file=inputs.replay_source)
         adapter_id = self.publisher(job, result.out_dir, evaluation["promoted"])
         self.store.update(job.id, expect=CLAIMED, status=SUCCEEDED, fine_tuned_model=adapter_id,
                           trained_tokens=result.train_tokens, finished_at=int(time.time()), step=result.num_steps,
                           estimated_finish=None, checkpoints=[_checkpoint(job, adapter_id, result)],
                           evaluation=evaluation)
+        self._report_end(job, result, evaluation, adapter_id)
+
+    def _report_end(self, job: JobRecord, result, evaluation: dict, adapter_id: str) -> None:
         if result.stopped_early:
             self.store.add_event(job.id, make_event(
                 f"Early stopping after epoch {len(result.epochs)}: no better validation loss since epoch "
                 f"{result.best_epoch}; kept epoch {result.best_epoch} (step {result.best_step})."))
+        if evaluation["parent_forgetting"] is not None:
+            self.store.add_event(job.id, make_event(
+                f"Forgetting: the parent's validation loss went {evaluation['parent_valid_loss_before']:.4f} -> "
+                f"{evaluation['parent_valid_loss_after']:.4f}; reference-text perplexity x{evaluation['forgetting_ratio']:.3f}."))
         level = "info" if evaluation["promoted"] else "warn"
         self.store.add_event(job.id, make_event(f"Evaluation: {evaluation['reason']}.", level=level))
         self.store.add_event(job.id, make_event(f"New fine-tuned model created: {adapter_id}"))
         self.store.add_event(job.id, make_event("The job has successfully completed."))
         log.info("job %s succeeded: %s", job.id, adapter_id)
+
+    def _lookup(self, adapter_id: str):
+        """The adapter version `adapter_id` names now, or None (a publisher without a registry has none)."""
+        lookup = getattr(self.publisher, "lookup", None)
+        return lookup(adapter_id) if lookup is not None else None
 
     def _stopped(self, job: JobRecord, progress: _Progress) -> None:
         if self.shutdown.is_set() and not progress.is_cancel_requested:
@@ -177,6 +204,11 @@ class _Progress:
                 "valid_mean_token_accuracy": round(score.valid_token_accuracy, 6)}
         message = (f"Epoch {score.epoch}: validation loss={score.valid_loss:.4f}, "
                    f"token accuracy={score.valid_token_accuracy:.3f}")
+        if score.valid_reward_margin is not None:  # DPO: the accuracy is the share of pairs ranked right
+            data.update(valid_preference_accuracy=round(score.valid_token_accuracy, 6),
+                        valid_reward_margin=round(score.valid_reward_margin, 6))
+            message = (f"Epoch {score.epoch}: validation DPO loss={score.valid_loss:.4f}, preference accuracy="
+                       f"{score.valid_token_accuracy:.3f}, reward margin={score.valid_reward_margin:.3f}")
         self.store.add_event(self.job_id, make_event(message, data=data))
 
     def on_event(self, event) -> None:
@@ -229,8 +261,15 @@ class RegistryPublisher:
         shapes = module_shapes_from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
         self.runtime = build_registry(settings, {k: v for k, v in shapes.items() if k[1] in allowed})
 
+    def lookup(self, adapter_id: str) -> AdapterVersion | None:
+        """The version `adapter_id` (`t/n`: the latest) names now, None if there is none."""
+        try:
+            return self.runtime.registry.store.get_by_id(adapter_id)
+        except AdapterNotFound:
+            return None
+
     def __call__(self, job: JobRecord, adapter_dir: Path, promote: bool = True) -> str:
-        name = job.suffix or f"ft-{job.id[6:14]}"
+        name = adapter_name(job)
         files = {name_: (adapter_dir / name_).read_bytes() for name_ in (CONFIG_FILE, WEIGHTS_FILE)}
         admin = Principal(tenant=None, is_admin=True)
         record = self.runtime.registry.upload(admin, name, files, tenant=job.tenant, promote=promote)
@@ -268,12 +307,12 @@ def _stop_when_parent_dies(shutdown: threading.Event) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _validation_message(num_examples: int, num_held_out: int, valid) -> str:
-    if valid is not None:
-        return f"Validation: {len(valid)} examples from the validation file, scored after every epoch."
-    if num_held_out:
-        return (f"Validation: {num_held_out} of the {num_examples} training examples held out (no validation file), "
-                f"scored after every epoch.")
+def _validation_message(inputs) -> str:
+    if inputs.validation_source == "file":
+        return f"Validation: {len(inputs.validation)} examples from the validation file, scored after every epoch."
+    if inputs.validation_source == "split":
+        return (f"Validation: {len(inputs.validation)} of the {inputs.num_examples_in_file} training examples held out "
+                f"(no validation file), scored after every epoch.")
     return "Validation: none (no validation file and too few examples to hold some out); no early stopping, no comparison."
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from loraplex.api.deps import EngineDep, PrincipalDep, SettingsDep
+from loraplex.api.deps import EngineDep, PrincipalDep, RegistryDep, SettingsDep
 from loraplex.api.routes.files import FileStoreDep
 from loraplex.api.schemas.fine_tuning import (
     CheckpointsPublic, FineTuningJobCreate, FineTuningJobPublic, FineTuningJobsPublic, JobEventsPublic,
@@ -30,10 +30,10 @@ LimitQuery = Annotated[int, Query(ge=1, le=1000)]
 @router.post("/v1/fine_tuning/jobs", response_model=FineTuningJobPublic)
 async def create_job(
     request: Request, body: FineTuningJobCreate, store: JobStoreDep, files: FileStoreDep, settings: SettingsDep,
-    principal: PrincipalDep, engine: EngineDep,
+    principal: PrincipalDep, engine: EngineDep, registry: RegistryDep,
 ) -> FineTuningJobPublic:
-    job = await asyncio.to_thread(fine_tuning.create, store, files, settings, principal, engine.model_name,
-                                  engine.num_layers, body)
+    served = fine_tuning.ServedModel(engine.model_name, engine.num_layers, bool(getattr(engine.tokenizer, "chat_template", None)))
+    job = await asyncio.to_thread(fine_tuning.create, store, files, registry, settings, principal, served, body)
     if request.app.state.local_worker is not None:  # the embedded worker starts with the first job
         await asyncio.to_thread(request.app.state.local_worker.ensure_running)
     return job

@@ -2,10 +2,12 @@
 
 LoRA and transfer-learning extensions (`lora_r`, `lora_alpha`, `lora_dropout`, `target_modules`,
 `use_rslora`, `layers_to_transform`, `top_k_layers`, `layer_lr_decay`, `weight_decay`,
-`early_stopping_patience`, `validation_split`) go *inside* the hyperparameters object, beside OpenAI's
-three, wherever that object is sent:
-`method.supervised.hyperparameters` or the legacy top-level `hyperparameters`. Values are checked by
-`training.hyperparams` (not here), so every bad value is a 400 whose `param` is the field's own name.
+`early_stopping_patience`, `early_stopping_min_delta`, `validation_split`, `max_forgetting_ratio`,
+`replay_fraction`) go *inside* the hyperparameters object, beside OpenAI's three, wherever that object is
+sent: `method.supervised.hyperparameters`, `method.dpo.hyperparameters` (which adds `beta`) or the legacy
+top-level `hyperparameters`. Values are checked by `training.hyperparams` (not here), so every bad value
+is a 400 whose `param` is the field's own name. Every object forbids unknown fields: a misplaced or
+misspelt field is a 400 naming its path, never silently ignored.
 """
 from __future__ import annotations
 
@@ -33,27 +35,47 @@ class HyperparametersIn(BaseModel):
     weight_decay: Any = None  # default 0.0; on the LoRA factors, pulls W' towards the pre-trained W
     early_stopping_patience: Any = None  # default 3 epochs without a better validation loss; 0: off
     validation_split: Any = None  # default 0.1 held out when there is no validation_file; 0: none
+    early_stopping_min_delta: Any = None  # default 0.0: an epoch is better only if it lowers the loss by more
+    max_forgetting_ratio: Any = None  # default 2.0: reference perplexity adapter/base above it is not promoted
+    replay_fraction: Any = None  # replayed examples per epoch / training examples; default 0.25 with replay data
+
+
+class DpoHyperparametersIn(HyperparametersIn):
+    beta: Any = None  # default 0.1
+
+
+STRICT = ConfigDict(strict=True, extra="forbid")  # "seed": true is a 400, not coerced; unknown fields too
 
 
 class SupervisedIn(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = STRICT
 
     hyperparameters: HyperparametersIn | None = None
 
 
-class MethodIn(BaseModel):
-    model_config = ConfigDict(strict=True)
+class DpoIn(BaseModel):
+    model_config = STRICT
 
-    type: Literal["supervised"] = "supervised"
+    hyperparameters: DpoHyperparametersIn | None = None
+
+
+class MethodIn(BaseModel):
+    model_config = STRICT
+
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: SupervisedIn | None = None
+    dpo: DpoIn | None = None
 
 
 class FineTuningJobCreate(BaseModel):
-    model_config = ConfigDict(strict=True)  # "seed": true or "force_promotion": 0 is a 400, not coerced
+    model_config = STRICT
 
-    model: str = Field(max_length=256)
+    model: str = Field(max_length=256, description="The served base model, or one of your adapters "
+                       "`<tenant>/<name>[@<version>]` to continue training it (the result is a new version).")
     training_file: str = Field(max_length=64)
     validation_file: str | None = Field(None, max_length=64)
+    replay_file: str | None = Field(None, max_length=64, description="Earlier examples mixed into every epoch "
+                                    "(replay_fraction) so a continued adapter keeps what it knew.")
     suffix: str | None = Field(None, max_length=40, description="Adapter name: <tenant>/<suffix>; default ft-<job id>.")
     seed: int | None = None
     method: MethodIn | None = None
@@ -93,6 +115,8 @@ class FineTuningJobPublic(BaseModel):
     user_provided_suffix: str | None = None
     force_promotion: bool = False
     evaluation: dict[str, Any] | None = None  # once succeeded: base vs adapter scores, forgetting, promotion
+    parent_model: str | None = None  # continued training: the adapter version the job started from
+    replay_file: str | None = None
 
 
 class FineTuningJobsPublic(BaseModel):
