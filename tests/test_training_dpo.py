@@ -26,13 +26,14 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def preference_rows(model_dir, num: int) -> list[dict]:
-    """Pairs whose rejected answer is what the base model says greedily (so the base prefers it)."""
+    """Pairs whose rejected answer is the base model's first 3 greedy tokens: it gives them a higher summed
+    log-probability than the preferred answer (checked in the test), i.e. the base prefers the rejected one."""
     tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
     rows = []
     for i in range(num):
         messages = [{"role": "user", "content": f"Question {i}: what about {THINGS[i % len(THINGS)]}?"}]
         ids = torch.tensor([chat_ids(tokenizer, messages)])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
         rejected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         rows.append({"input": {"messages": messages}, "preferred_output": [{"role": "assistant", "content": PREFERRED}],
                      "non_preferred_output": [{"role": "assistant", "content": rejected}]})
