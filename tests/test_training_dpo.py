@@ -15,7 +15,7 @@ from loraplex.training.dpo import sequence_logps, tokenize_pairs
 from tests.engine_helpers import build_llm_engine, greedy, lora, peft_reference, run_to_completion
 from tests.worker_jobs import WorkerJobs
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # about 25 s alone, 50 s on a loaded box
 THINGS = ["apples", "rivers", "trains", "music", "cats", "winter", "books", "gardens", "stars", "bread", "boats", "tea"]
 PREFERRED = "Sure!"
 
