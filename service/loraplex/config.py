@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together in one step (KV cache rows).")
     max_model_len: int = Field(1024, ge=16, description="Longest prompt + completion in tokens (KV cache columns).")
     max_num_batched_tokens: int = Field(4096, ge=16, description="Most prompt tokens prefilled in one step.")
-    max_queue: int = Field(256, ge=0, description="Requests waiting for a batch slot before 429.")
+    max_queue: int = Field(256, ge=0, description="Requests waiting for a batch slot before 429; past it, a tenant below its fair share of batch + queue still gets in.")
     lora_target_modules: str = Field(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         description="Comma-separated projections that adapters may target (pool buffers exist only for these).",

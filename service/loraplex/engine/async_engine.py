@@ -8,9 +8,10 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
-from loraplex.engine.errors import EngineNotRunningError, QueueFullError
+from loraplex.engine.errors import EngineNotRunningError
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.types import LoraRequest, RequestOutput, SamplingParams
+from loraplex.engine.waiting_room import WaitingRoom
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class AsyncEngine:
         self.num_layers = engine.model.config.num_hidden_layers
         self.max_queue = engine.config.max_queue
         self.grammars = engine.grammars  # thread-safe: the API compiles guides off the event loop
+        self._waiting_room = WaitingRoom(self.max_queue, engine.config.max_batch_size)  # guarded by _lock
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -65,7 +67,7 @@ class AsyncEngine:
         if not self.is_ready:
             raise EngineNotRunningError("the engine is not running")
         self.engine.validate(prompt_token_ids, params)
-        stream = self._open_stream(request_id)
+        stream = self._open_stream(request_id, tenant)
         self._inbox.put(("add", (request_id, prompt_token_ids, params, lora, tenant)))
         is_finished = False
         try:
@@ -83,6 +85,7 @@ class AsyncEngine:
                 self.abort(request_id)
             with self._lock:
                 self._streams.pop(request_id, None)
+                self._waiting_room.leave(tenant)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -99,14 +102,13 @@ class AsyncEngine:
         self._inbox.put(("call", (fn, future)))
         return future
 
-    def _open_stream(self, request_id: str) -> asyncio.Queue:
-        num_waiting = len(self._streams) - self._last_stats["num_running"]
-        if num_waiting >= self.max_queue:
-            raise QueueFullError(f"{num_waiting} requests are already waiting; retry shortly", retry_after_s=1)
+    def _open_stream(self, request_id: str, tenant: str) -> asyncio.Queue:
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id}")
+            num_waiting = len(self._streams) - self._last_stats["num_running"]
+            self._waiting_room.enter(tenant, num_waiting)  # QueueFullError: the room is full and so is the tenant's share
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
         return stream
 
