@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 
-.PHONY: help setup redis run test test-slow bench loadtest
+.PHONY: help setup redis chromium run test test-slow bench loadtest
 
 help:
 	@echo "make run        serve the demo model (CPU, no Redis; adapters under ./adapters)"
@@ -20,15 +20,19 @@ setup:
 redis:
 	@bash scripts/ensure_redis.sh
 
+# Debian's Chromium for the console's browser tests (Playwright launches it by path).
+chromium:
+	@bash scripts/ensure_chromium.sh
+
 # Builds the demo model and seeds the example adapter <data_dir>/demo/example/ when missing, then serves.
 run: setup
 	$(PY) -c "from loraplex.models.demo import main; main()"
 	.venv/bin/loraplex serve
 
-test: setup redis
+test: setup redis chromium
 	$(PY) -m pytest -m "not slow and not cuda" -q
 
-test-slow: setup redis
+test-slow: setup redis chromium
 	$(PY) -m pytest -m slow -q
 
 # The same test CI runs with 6 examples (tests/test_fuzz_api.py), with random seeds and every coverage case.

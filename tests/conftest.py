@@ -8,7 +8,7 @@ import torch
 
 from loraplex.models.demo import ensure_demo_model, make_demo_adapter
 
-pytest_plugins = ["tests.api_fixtures"]
+pytest_plugins = ["tests.api_fixtures", "tests.console_server"]
 
 
 @pytest.fixture(scope="session")

@@ -368,6 +368,11 @@ def test_settings_names_are_real(overlay) -> None:
     assert set(index(overlay[1])[("Secret", "loraplex-api-keys")]["stringData"].values()) == {"REPLACE_ME"}
 
 
+def test_console_is_off_in_production(overlay) -> None:
+    """The web console (on by default in `loraplex serve`) is off in every deployed overlay unless enabled."""
+    assert index(overlay[1])[("ConfigMap", "loraplex-config")]["data"]["LORAPLEX_CONSOLE"] == "false"
+
+
 def test_prometheus_adapter_serves_the_hpa_metric() -> None:
     (cm,) = render(K8S / "prometheus-adapter")
     rules = yaml.safe_load(cm["data"]["config.yaml"])["rules"]

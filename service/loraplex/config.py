@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
     log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects (with request ids) or plain text.")
+    console: bool = Field(True, description="Serve the web console at `/console` (static pages that call the public API with the caller's key); false: 404.")
     drain_grace_s: float = Field(30.0, ge=0, le=3600, description="After SIGTERM: how long in-flight requests may run before the server exits.")
 
     # Model

@@ -22,7 +22,7 @@ from loraplex.api.metrics import ServiceMetrics
 from loraplex.api.middleware import (
     BodySizeLimitMiddleware, ControlCharacterPathMiddleware, ObservabilityMiddleware, RequestIdMiddleware,
 )
-from loraplex.api.routes import ROUTERS
+from loraplex.api.routes import CONSOLE_ROUTER, ROUTERS
 from loraplex.config import Settings
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.api.rate_limit import TenantRateLimiter
@@ -62,6 +62,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id, 413s included
     for router in ROUTERS:
         app.include_router(router)
+    if settings.console:
+        app.include_router(CONSOLE_ROUTER)
     return app
 
 
