@@ -15,6 +15,10 @@ import pytest
 from tests.console_browser import close, open_console
 from tests.console_server import KEYS, REPO_ROOT, auth
 
+from fastapi.testclient import TestClient
+
+from loraplex.api.app import create_app
+from loraplex.config import Settings
 from loraplex.registry.validation import adapter_digest
 
 # 40 keyword examples (36 train, 4 held out): 27 steps at batch 4, long enough to watch, short to wait for.
@@ -35,6 +39,14 @@ def test_csp_and_local_assets(console_server) -> None:
     assert not re.search(r"<script(?![^>]*\bsrc=)", page), "no inline script"
     assert not re.search(r"(src|href)=\"(https?:)?//", page), "no third-party origin"
     assert httpx.get(console_server.url + "/console/static/../config.py").status_code == 404
+
+
+def test_console_can_be_turned_off(tmp_path) -> None:
+    """LORAPLEX_CONSOLE=false: no page, no assets (the app is built without starting its engine)."""
+    off = TestClient(create_app(Settings(console=False, data_dir=tmp_path)))
+    assert off.get("/console").status_code == 404 and off.get("/console/static/js/api.js").status_code == 404
+    assert off.get("/console").json()["error"]["type"]
+    assert TestClient(create_app(Settings(data_dir=tmp_path))).get("/console").status_code == 200
 
 
 def drop_files(page, selector: str, files: dict[str, bytes]) -> None:
@@ -64,6 +76,8 @@ def test_upload_by_drop_lists_sha256(console_server, console_browser, adapter_fi
     assert row.locator("code.sha256").inner_text() == expected
     assert httpx.get(f"{console_server.url}/v1/adapters/acme/dropped", headers=auth("acme")).json()["sha256"] == expected
     state["adapter_sha256"] = expected
+    row.get_by_role("button", name="Copy model id acme/dropped").press("Enter")
+    assert page.evaluate("() => navigator.clipboard.readText()") == "acme/dropped"
     rec.assert_local_only()
     close(rec)
 
@@ -95,8 +109,6 @@ def test_job_curve_updates_live_then_evaluation(console_server, console_browser,
     assert evaluation["reason"] in section and f"{evaluation['gain']:.4f}" in section
     report = httpx.get(f"{console_server.url}/v1/fine_tuning/jobs/{job_id}/report", headers=auth("acme")).json()
     assert page.locator("#loss-chart").get_attribute("data-train-points") == str(len(report["train_curve"]))
-    events = httpx.get(f"{console_server.url}/v1/fine_tuning/jobs/{job_id}/events?limit=1000", headers=auth("acme")).json()["data"]
-    print("job timing", [(e["created_at"], e["message"][:40]) for e in events if e["type"] == "message"])
     state["fine_tuned_model"], state["promoted"] = job["fine_tuned_model"], evaluation["promoted"]
     rec.assert_local_only()
     close(rec)
