@@ -92,6 +92,8 @@ def report_text(report: dict) -> str:
         ):
             if base is not None and adapter is not None:
                 lines.append(f"  {label:<21} base {base:10.4f}   adapter {adapter:10.4f}")
+        if evaluation.get("incumbent_valid_loss") is not None:
+            lines.append(f"  incumbent {evaluation['incumbent']}: validation loss {evaluation['incumbent_valid_loss']:.4f}")
         lines.append(f"  {evaluation['reason']}")
     return "\n".join(lines) + "\n"
 

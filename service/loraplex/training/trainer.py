@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -26,35 +25,18 @@ import torch
 from loraplex.fsutil import staging_dir
 from loraplex.training.datasets import PREFERENCE, DatasetError, ParsedDataset, TokenizedDataset, tokenize_dataset
 from loraplex.training.evaluation import split_held_out
-from loraplex.training.hyperparams import MAX_LORA_R, Hyperparameters, ResolvedHyperparameters, learning_rate_at
+from loraplex.training.hyperparams import MAX_LORA_R, Hyperparameters, ResolvedHyperparameters
 from loraplex.training.measurements import Measurements, measure, parent_loss
 from loraplex.training.objectives import SupervisedObjective
-from loraplex.training.transfer import BestEpoch, EpochScore, lora_config, param_groups
+from loraplex.training.train_loop import TrainEvent, TrainingCancelled, TrainLoop
+from loraplex.training.transfer import BestEpoch, EpochScore, lora_config
+
+__all__ = ["Continuation", "TrainEvent", "TrainResult", "TrainingCancelled", "train_lora"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = 1024
-MAX_EVENTS_PER_RUN = 1000  # long runs report every k steps so job event logs stay small
-MAX_GRAD_NORM = 1.0
 PEFT_MODEL_CARD = "README.md"  # peft's template, noise in an adapter store
-
-
-class TrainingCancelled(Exception):
-    """`should_stop()` returned True; nothing was written to `out_dir`."""
-
-    def __init__(self, step: int):
-        super().__init__(f"training cancelled after {step} steps")
-        self.step = step
-
-
-@dataclass(frozen=True)
-class TrainEvent:
-    step: int  # 1-based optimizer step just finished
-    epoch: int  # 1-based
-    loss: float  # mean training loss over the steps since the previous event
-    learning_rate: float
-    num_steps_total: int
-    elapsed_s: float  # since the optimizer loop started
 
 
 @dataclass(frozen=True)
@@ -149,13 +131,16 @@ def train_lora(
     with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
         torch.manual_seed(hp_resolved.seed)  # LoRA init and dropout
         model = _load_peft_model(model_dir, hp_resolved, torch_device, continuation.init_adapter)
-        loop = _TrainLoop(model, hp_resolved, num_layers, objective, on_event, should_stop)
+        loop = TrainLoop(model, hp_resolved, num_layers, objective, on_event, should_stop)
         objective.prepare(model, loop.check)
         initial = objective.evaluate(model, loop.check) if data_stats["has_validation"] else None
         parent_set = _parent_set(tokenizer, continuation.parent_validation, model_max_len)
         parent_before = parent_loss(model, parent_set, pad_id, torch_device, loop.check)
         tracker = BestEpoch(hp_resolved.early_stopping_patience, hp_resolved.early_stopping_min_delta)
-        checkpoints = loop.run(out_dir, checkpoint_every_epochs, data_stats["has_validation"], tracker, on_epoch)
+        def save_checkpoint(epoch: int) -> Path:
+            return _save_adapter(model, _checkpoint_dir(out_dir, epoch), replace=True)
+
+        checkpoints = loop.run(save_checkpoint, checkpoint_every_epochs, data_stats["has_validation"], tracker, on_epoch)
         tracker.restore_best(loop.named_trainable)
         measurements = measure(model, objective, tokenizer, pad_id, torch_device, model_max_len, loop.check,
                                best=tracker.best, incumbent=incumbent, parent_set=parent_set, parent_before=parent_before)
@@ -211,81 +196,6 @@ def _parent_set(tokenizer, parent_validation: ParsedDataset | None, max_len: int
         return None
     tokenized = tokenize_dataset(tokenizer, parent_validation, max_len)
     return tokenized if tokenized.examples else None
-
-
-class _TrainLoop:
-    """The optimizer loop; holds the step counter and running losses the result reports."""
-
-    def __init__(self, model, hp: ResolvedHyperparameters, num_layers: int, objective, on_event, should_stop):
-        self.model, self.hp, self.objective = model, hp, objective
-        self.on_event, self.should_stop = on_event, should_stop
-        self.named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}  # LoRA A/B only
-        groups = param_groups(model, hp, num_layers)
-        self.optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        self.trainable = list(self.named_trainable.values())
-        self.step = 0
-        self.num_tokens = 0
-        self.last_epoch_loss = math.nan
-        self.last_lr = 0.0
-        self.stopped_early = False
-        self.event_every = max(1, math.ceil(hp.num_steps / MAX_EVENTS_PER_RUN))
-        self.started = time.monotonic()
-
-    def check(self) -> None:
-        if self.should_stop():
-            raise TrainingCancelled(self.step)
-
-    def run(self, out_dir: Path, checkpoint_every_epochs: int | None, has_validation: bool,
-            tracker: BestEpoch, on_epoch) -> list[Path]:
-        checkpoints = []
-        pending: list[float] = []  # losses since the last event
-        for epoch in range(1, self.hp.n_epochs + 1):
-            self.model.train()
-            epoch_losses = []
-            for batch in self.objective.epoch_batches(epoch):
-                if self.step >= self.hp.num_steps:
-                    break
-                self.check()
-                loss = self._optimizer_step(batch)
-                epoch_losses.append(loss)
-                pending.append(loss)
-                if self.step % self.event_every == 0 or self.step == self.hp.num_steps:
-                    self._emit(epoch, sum(pending) / len(pending))
-                    pending = []
-            if epoch_losses:
-                self.last_epoch_loss = sum(epoch_losses) / len(epoch_losses)
-            if has_validation and epoch_losses:
-                valid = self.objective.evaluate(self.model, self.check)
-                epoch_score = EpochScore(epoch, self.step, self.last_epoch_loss, valid.loss, valid.token_accuracy,
-                                         valid.reward_margin, valid)
-                tracker.update(epoch_score, self.named_trainable)
-                on_epoch(epoch_score)
-                if tracker.should_stop() and self.step < self.hp.num_steps:
-                    self.stopped_early = True
-                    break
-            if self.step >= self.hp.num_steps:
-                break
-            if checkpoint_every_epochs and epoch % checkpoint_every_epochs == 0:
-                checkpoints.append(_save_adapter(self.model, _checkpoint_dir(out_dir, epoch), replace=True))
-        return checkpoints
-
-    def _optimizer_step(self, batch) -> float:
-        lr = learning_rate_at(self.step, self.hp.num_steps, self.hp.learning_rate)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]  # layer-wise decay: the top layer trains at `lr`
-        loss, num_tokens = self.objective.loss(self.model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.num_tokens += num_tokens
-        self.last_lr = lr
-        return float(loss.detach())
-
-    def _emit(self, epoch: int, loss: float) -> None:
-        elapsed = time.monotonic() - self.started
-        self.on_event(TrainEvent(self.step, epoch, loss, self.last_lr, self.hp.num_steps, elapsed))
 
 
 def _pick_device(device: str) -> torch.device:
