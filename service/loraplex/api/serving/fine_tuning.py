@@ -60,7 +60,7 @@ def create(store: JobStore, files: FileStore, registry: AdapterRegistry, setting
         raise InvalidParameter(f"{shape[0]}: a continued adapter keeps its parent's LoRA shape "
                                f"(rank {parent.rank}, modules {list(parent.target_modules)})", param=shape[0],
                                code="invalid_hyperparameters")
-    has_replay = bool(body.replay_file) or (parent is not None and _parent_training_file(store, files, parent) is not None)
+    has_replay = bool(body.replay_file) or (parent is not None and _parent_training_file(store, files, training.tenant, parent) is not None)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
     _check_hyperparameters(requested, seed, training.num_examples, served.num_layers, settings, has_replay)
     now = time.time_ns()
@@ -115,13 +115,14 @@ def _parent_adapter(registry: AdapterRegistry, tenant: str, model: str, served: 
     return parent
 
 
-def _parent_training_file(store: JobStore, files: FileStore, parent: AdapterVersion):
-    """The training file of the job that made `parent`, while its tenant still owns it (the default replay data)."""
-    job = parent_job(store, parent.tenant, parent.versioned_id)
+def _parent_training_file(store: JobStore, files: FileStore, tenant: str, parent: AdapterVersion):
+    """The training file of the tenant's own job that made `parent`, while the tenant still owns it (the default
+    replay data). Another tenant's shared adapter brings none: its jobs and files are not this tenant's to read."""
+    job = parent_job(store, tenant, parent.versioned_id) if parent.tenant == tenant else None
     if job is None:
         return None
     try:
-        return files.get(parent.tenant, job.training_file, param="replay_file")
+        return files.get(tenant, job.training_file, param="replay_file")
     except FileNotFound:
         return None
 
