@@ -26,7 +26,7 @@ from loraplex.api.serving.completions import usage
 from loraplex.api.serving.context import GenerationContext
 from loraplex.api.serving.generation import Accumulator, Generation
 from loraplex.api.serving.guides import compile_guide, openai_guide
-from loraplex.api.serving.logprobs import TokenTexts, chat_logprobs
+from loraplex.api.serving.logprobs import TokenTexts, chat_logprobs, token_texts
 from loraplex.api.serving.prompts import (
     OPENAI_SAMPLING_FIELDS,
     PreparedRequest,
@@ -49,7 +49,7 @@ async def create_chat_completion(
     tools = tool_calls.plan(body.tools, body.tool_choice)
     prepared = await prepare(body, ctx, tools)
     runs = generation.choices(prepared, body.n)
-    texts = TokenTexts(ctx.engine.tokenizer)
+    texts = token_texts(ctx.engine.tokenizer)
     if body.stream:
         return SSEResponse(_stream(prepared, tools, await generation.start_all(ctx, runs), body.include_usage, texts))
     results = await generation.run_all(ctx, runs)

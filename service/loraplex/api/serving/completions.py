@@ -17,7 +17,7 @@ from loraplex.api.serving import generation
 from loraplex.api.serving.context import GenerationContext
 from loraplex.api.serving.generation import Accumulator, Generation
 from loraplex.api.serving.guides import compile_guide, openai_guide
-from loraplex.api.serving.logprobs import TokenTexts, completion_logprobs, echoed_prompt, merge
+from loraplex.api.serving.logprobs import TokenTexts, completion_logprobs, echoed_prompt, merge, token_texts
 from loraplex.api.serving.prompts import (
     OPENAI_SAMPLING_FIELDS,
     PreparedRequest,
@@ -37,7 +37,7 @@ async def create_completion(body: CompletionRequest, ctx: GenerationContext) -> 
     num_runs = _num_runs(body)
     prepared = await prepare(body, ctx)
     runs = generation.choices(prepared, num_runs)
-    shape = _ChoiceShape(body, prepared, TokenTexts(ctx.engine.tokenizer), await _prompt_text(body, prepared, ctx))
+    shape = _ChoiceShape(body, prepared, token_texts(ctx.engine.tokenizer), await _prompt_text(body, prepared, ctx))
     if body.stream:
         return SSEResponse(_stream(shape, await generation.start_all(ctx, runs), body.include_usage))
     results = await generation.run_all(ctx, runs)

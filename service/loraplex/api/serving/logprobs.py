@@ -12,13 +12,24 @@ from loraplex.api.schemas.openai import ChatLogprobs, CompletionLogprobs, TokenL
 from loraplex.engine.types import TopLogprobs
 
 
+MAX_CACHED_TOKEN_TEXTS = 1 << 17
+
+
+@lru_cache(maxsize=4)
+def token_texts(tokenizer) -> TokenTexts:
+    """The one TokenTexts of this tokenizer."""
+    return TokenTexts(tokenizer)
+
+
 class TokenTexts:
-    """Decodes single tokens, each once per response. `width` is what the token adds to the choice's
-    text, which (like the detokenizer) leaves special tokens out."""
+    """Decodes single tokens, each once per tokenizer (shared by every response: decoding is most of what
+    logprobs cost). `width` is what the token adds to the choice's text, which (like the detokenizer)
+    leaves special tokens out."""
 
     def __init__(self, tokenizer):
-        self._decode = lru_cache(maxsize=4096)(lambda token_id: tokenizer.decode([token_id]))
-        self._width = lru_cache(maxsize=4096)(lambda token_id: len(tokenizer.decode([token_id], skip_special_tokens=True)))
+        self._decode = lru_cache(maxsize=MAX_CACHED_TOKEN_TEXTS)(lambda token_id: tokenizer.decode([token_id]))
+        self._width = lru_cache(maxsize=MAX_CACHED_TOKEN_TEXTS)(
+            lambda token_id: len(tokenizer.decode([token_id], skip_special_tokens=True)))
 
     def __call__(self, token_id: int) -> str:
         return self._decode(token_id)

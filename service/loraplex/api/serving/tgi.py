@@ -26,7 +26,7 @@ from loraplex.api.serving import generation
 from loraplex.api.serving.context import GenerationContext
 from loraplex.api.serving.generation import Accumulator, Generation
 from loraplex.api.serving.guides import compile_guide, json_schema_guide
-from loraplex.api.serving.logprobs import TokenTexts
+from loraplex.api.serving.logprobs import TokenTexts, token_texts
 from loraplex.api.serving.prompts import (
     PreparedRequest,
     check_prompt_chars,
@@ -148,7 +148,7 @@ def _prefill(result: Accumulator, prepared: PreparedRequest, texts: TokenTexts) 
 
 
 def _details(result: Accumulator, prepared: PreparedRequest, ctx: GenerationContext) -> Details:
-    texts = TokenTexts(ctx.engine.tokenizer)
+    texts = token_texts(ctx.engine.tokenizer)
     top = None
     if prepared.params.logprobs:
         top = _top_tokens(result, texts, set(ctx.engine.tokenizer.all_special_ids))
@@ -164,7 +164,7 @@ def _details(result: Accumulator, prepared: PreparedRequest, ctx: GenerationCont
 
 async def _stream(prepared: PreparedRequest, gen: Generation, ctx: GenerationContext) -> AsyncIterator[str]:
     result = Accumulator(prepared.num_prompt_tokens)
-    texts, special_ids = TokenTexts(ctx.engine.tokenizer), set(ctx.engine.tokenizer.all_special_ids)
+    texts, special_ids = token_texts(ctx.engine.tokenizer), set(ctx.engine.tokenizer.all_special_ids)
     try:
         async for output in gen.outputs():
             num_sent = result.num_output_tokens
