@@ -106,6 +106,19 @@ def check_axe(page, view: str) -> None:
     assert bad == [], (view, results.generate_report())
 
 
+def check_ops_glance(page, url: str) -> None:
+    """The admin's glance: slots from /metrics (read with the admin key), tiers from the adapter list."""
+    page.goto("/console#/ops")
+    page.wait_for_selector("#ops-tiers table")
+    metrics = httpx.get(f"{url}/metrics", headers=auth("admin")).text
+    value = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert page.inner_text("#ops-slots .value") == f"{value['loraplex_adapters_resident']:g} / {value['loraplex_adapter_slots']:g}"
+    adapters = httpx.get(f"{url}/v1/adapters?limit=100", headers=auth("admin")).json()["data"]
+    for tier in {a["residency"] for a in adapters}:
+        count = sum(a["residency"] == tier for a in adapters)
+        assert page.locator("#ops-tiers tr", has_text=tier).locator("td").nth(1).inner_text() == str(count)
+
+
 def tab_reaches(page, target_id: str, limit: int = 80) -> None:
     page.focus("body")
     for _ in range(limit):
@@ -118,7 +131,8 @@ def tab_reaches(page, target_id: str, limit: int = 80) -> None:
 def test_admin_actions_from_the_keyboard(console_server, console_browser, adapter_files) -> None:
     """(g) every control is reachable with Tab; pin and a confirmed delete done with the keyboard only."""
     files = [("files", (name, data)) for name, data in adapter_files.items()]
-    assert httpx.post(f"{console_server.url}/v1/adapters", data={"name": "keyed"}, files=files, headers=auth("acme")).status_code == 201
+    for _ in range(2):  # two versions
+        assert httpx.post(f"{console_server.url}/v1/adapters", data={"name": "keyed"}, files=files, headers=auth("acme")).status_code == 201
     rec = open_console(console_browser, console_server.url, KEYS["admin"])
     page = rec.page
     row = page.locator("#adapter-list tr", has_text="acme/keyed")
@@ -136,6 +150,13 @@ def test_admin_actions_from_the_keyboard(console_server, console_browser, adapte
     page.keyboard.press("Enter")
     page.locator("#adapter-list tr", has_text="acme/keyed").get_by_role("button", name="Unpin").wait_for()
     assert httpx.get(f"{console_server.url}/v1/adapters/acme/keyed", headers=auth("admin")).json()["pinned"] is True
+    row.get_by_role("button", name="Show versions of acme/keyed").press("Enter")
+    versions = row.locator("ul").inner_text()
+    for v in (1, 2):
+        sha = httpx.get(f"{console_server.url}/v1/adapters/acme/keyed@{v}", headers=auth("acme")).json()["sha256"]
+        assert f"@{v}: {sha[:12]}" in versions
+    check_ops_glance(page, console_server.url)
+    page.goto("/console#/adapters")
     delete = page.locator("#adapter-list tr", has_text="acme/keyed").get_by_role("button", name="Delete acme/keyed")
     delete.focus()
     page.keyboard.press("Enter")

@@ -98,11 +98,15 @@ function drawCurves(report, view) {
   }
 }
 
-// The evaluation record as the job stores it: the known comparisons first, then every other field,
-// so fields this page does not know yet (an incumbent's scores, say) are still shown.
-const KNOWN = [["promoted", "Promoted"], ["reason", "Reason"], ["gain", "Gain (nats/token, base - adapter)"],
-  ["forgetting_ratio", "Forgetting ratio (reference perplexity, adapter / base)"]];
+// The evaluation record as the job stores it: the decision and the comparisons first (base, adapter and
+// the incumbent it would replace), then every other field, so fields this page does not know still show.
+const KNOWN = [["promoted", "Promoted"], ["reason", "Reason"], ["blocked_by", "Blocked by"],
+  ["incumbent", "Incumbent (the version it would replace)"], ["gain", "Gain over the base (nats/token)"],
+  ["gain_ci", "Gain over the base, confidence interval"], ["incumbent_gain", "Gain over the incumbent (nats/token)"],
+  ["incumbent_gain_ci", "Gain over the incumbent, confidence interval"],
+  ["forgetting_ratio", "Forgetting ratio (reference perplexity, adapter / base)"], ["max_forgetting_ratio", "Largest forgetting ratio allowed"]];
 const COMPARED = [["valid_loss", "Validation loss"], ["valid_mean_token_accuracy", "Token accuracy"],
+  ["valid_preference_accuracy", "Preference accuracy"], ["valid_reward_margin", "Reward margin"],
   ["reference_perplexity", "Reference-text perplexity"]];
 const ROLES = ["base", "adapter", "incumbent"];
 
@@ -117,19 +121,20 @@ function renderEvaluation(evaluation, section) {
   const rows = COMPARED.map(([metric, label]) => [label, ...ROLES.map((role) => {
     const key = metric === "reference_perplexity" ? `${metric}_${role}` : `${role}_${metric}`;
     return key in evaluation ? formatValue(take(key)) : "n/a";
-  })]);
+  })]).filter((cells) => cells.slice(1).some((cell) => cell !== "n/a"));
   const others = Object.entries(evaluation).filter(([key]) => !used.has(key)).map(([key, value]) => [key, formatValue(value)]);
   const promoted = evaluation.promoted;
   replace(section, el("h2", { id: "evaluation-title" }, "Evaluation"),
     el("p", { id: "promotion-decision", class: promoted ? "ok" : "bad" },
       promoted === undefined ? "No promotion decision recorded." : promoted ? "Promoted" : "Not promoted"),
     facts(decision),
-    table("Base model vs adapter vs incumbent (the version it would replace)", ["Metric", ...ROLES], rows),
+    table("Base model vs adapter vs incumbent", ["Metric", ...ROLES], rows),
     others.length ? el("details", {}, el("summary", {}, "Every other evaluation field"), facts(others)) : null);
 }
 
 function formatValue(value) {
   if (typeof value === "boolean") return value ? "yes" : "no";
+  if (Array.isArray(value)) return value.length ? `[${value.map((v) => formatValue(v)).join(", ")}]` : "none";
   if (value !== null && typeof value === "object") return JSON.stringify(value);
   return formatNumber(value);
 }

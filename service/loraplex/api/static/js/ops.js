@@ -68,8 +68,9 @@ async function refreshTiers(container) {
     const counts = new Map();
     for (const a of adapters) counts.set(a.residency, (counts.get(a.residency) || 0) + 1);
     const order = ["merged", "device", "loading", "host", "storage"];
-    replace(container, table("Adapters (latest versions, every tenant) by where they are held", ["Tier", "Adapters"],
-      order.filter((t) => counts.has(t)).map((t) => [t, String(counts.get(t))])));
+    replace(container, adapters.length === 0 ? el("p", {}, "No adapters.")
+      : table("Adapters (latest versions, every tenant) by where they are held", ["Tier", "Adapters"],
+        order.filter((t) => counts.has(t)).map((t) => [t, String(counts.get(t))])));
   } catch (err) {
     showError(err);
   }
