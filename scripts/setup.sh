@@ -41,5 +41,7 @@ fi
 echo "setup.sh: installing $TORCH_SPEC and loraplex[dev] into $VENV" >&2
 "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+# TGI's Python client pins huggingface-hub<1, which transformers 5 cannot use; it runs on hub 1.x.
+"$VENV/bin/python" -m pip install --quiet --no-deps "text-generation==0.7.0"
 setup_key > "$STAMP"
 echo "setup.sh: done" >&2

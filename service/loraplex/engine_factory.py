@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from loraplex.config import Settings
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.config import EngineConfig
+from loraplex.engine.context_limit import resolve_max_model_len
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model_loader import load_model
 
@@ -30,6 +31,8 @@ def served_model_name(settings: Settings) -> str:
 
 
 def engine_config(settings: Settings, model_path: str) -> EngineConfig:
+    """Raises EngineError for a max_model_len the model does not support."""
+    hf_config = AutoConfig.from_pretrained(model_path)
     return EngineConfig(
         model=model_path,
         device=settings.device,
@@ -39,7 +42,8 @@ def engine_config(settings: Settings, model_path: str) -> EngineConfig:
         default_merge_mode=settings.default_merge_mode,
         max_lora_rank=settings.max_lora_rank,
         max_batch_size=settings.max_batch_size,
-        max_model_len=settings.max_model_len,
+        max_model_len=resolve_max_model_len(hf_config, settings.max_model_len, settings.allow_long_max_model_len),
+        allow_long_max_model_len=settings.allow_long_max_model_len,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_queue=settings.max_queue,
         lora_target_modules=tuple(settings.lora_target_module_list),
@@ -52,7 +56,8 @@ def build_engine(settings: Settings) -> AsyncEngine:
     config = engine_config(settings, model_path)
     log.info("loading %s on %s (%s)", model_path, config.torch_device, config.torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = load_model(model_path, config.torch_dtype, config.torch_device, config.max_model_len)
+    model = load_model(model_path, config.torch_dtype, config.torch_device, config.max_model_len,
+                       allow_long_max_model_len=config.allow_long_max_model_len)
     engine = LLMEngine(config, model, tokenizer)
     log.info(
         "engine ready: kv cache %.1f MiB, adapter pool %.1f MiB (%d slots, rank %d)",

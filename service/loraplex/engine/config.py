@@ -18,7 +18,8 @@ class EngineConfig:
     default_merge_mode: str = "unmerged"  # unmerged | auto: the merge mode of adapters no admin has set  # parsed adapters kept in host memory (0: always read from storage)
     max_lora_rank: int = 16
     max_batch_size: int = 32
-    max_model_len: int = 1024
+    max_model_len: int = 1024  # engine_factory derives the default from the model (engine/context_limit.py)
+    allow_long_max_model_len: bool = False  # accept a max_model_len past the model's own limit
     max_num_batched_tokens: int = 4096
     max_queue: int = 256
     lora_target_modules: tuple[str, ...] = LORA_MODULES

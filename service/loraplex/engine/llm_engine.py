@@ -87,7 +87,7 @@ class LLMEngine:
                     lora: LoraRequest | None, tenant: str = "") -> None:
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         seq = Sequence(request_id, list(prompt_ids), params, lora,
-                       IncrementalDetokenizer(self.tokenizer, params.stop), seed, tenant)
+                       IncrementalDetokenizer(self.tokenizer, params.stop, prompt_ids), seed, tenant)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 

@@ -246,11 +246,21 @@ def tokenize_dataset(tokenizer, dataset: ParsedDataset, max_len: int) -> Tokeniz
 
 
 def _tokenize_prompt_completion(tokenizer, example: PromptCompletion) -> tuple[list[int], list[int]]:
-    # Tokenized apart, exactly as the server tokenizes a prompt and then appends generated tokens.
-    prompt_ids = tokenizer(example.prompt)["input_ids"]  # with BOS, as at inference
-    completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
-    completion_ids = [*completion_ids, tokenizer.eos_token_id]
+    prompt_ids = tokenizer(example.prompt)["input_ids"]  # with BOS: what the server gets
+    completion_ids = [*_completion_ids(tokenizer, prompt_ids, example), tokenizer.eos_token_id]
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def _completion_ids(tokenizer, prompt_ids: list[int], example: PromptCompletion) -> list[int]:
+    """The ids that follow the prompt when prompt + completion is tokenized as one text: what the model
+    must generate after the server's prompt ids. Tokenized alone, a sentencepiece tokenizer would start
+    the completion " blue" with a spurious dummy-prefix token ('▁', '▁b', ...)."""
+    joint_ids = tokenizer(example.prompt + example.completion)["input_ids"]
+    if joint_ids[: len(prompt_ids)] == prompt_ids and len(joint_ids) > len(prompt_ids):
+        return joint_ids[len(prompt_ids) :]
+    # The tokenizer merged text across the boundary: the server's prompt ids are not a prefix of the
+    # joint ones, so no split is exact; the completion tokenized on its own is the closest.
+    return tokenizer(example.completion, add_special_tokens=False)["input_ids"]
 
 
 def _tokenize_chat(tokenizer, example: ChatExample) -> tuple[list[int], list[int]]:
