@@ -28,9 +28,6 @@ def model_context_limit(hf_config) -> ContextLimit | None:
     max_positions = getattr(hf_config, "max_position_embeddings", None)
     if max_positions:
         limits.append(ContextLimit(max_positions, f"max_position_embeddings = {max_positions}"))
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True):
-        limits.append(ContextLimit(window, f"sliding_window = {window} (the engine attends to whole contexts)"))
     for rope in rope_parameter_sets(hf_config):
         original = rope.get("original_max_position_embeddings")
         if rope.get("rope_type") in PER_SEQUENCE_ROPE_TYPES and original:

@@ -1,7 +1,8 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2) written for batched multi-LoRA serving.
+"""A Llama-shaped decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text) for batched multi-LoRA serving.
 
 Weights are shared with (taken from) a loaded HF model; this module only changes how the
 forward pass is organised: one flat token batch, per-token adapter slots, a static KV cache.
+What differs between families is data in a FamilySpec (engine/family.py), read per layer here.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.engine.attention import AttentionMetadata, attend
+from loraplex.engine.family import FamilySpec, LayerSpec
 from loraplex.engine.lora_ops import LoraBatch, add_lora
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -95,16 +97,19 @@ class FusedProjection(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, norm: nn.Module):
+    def __init__(self, norm: nn.Module, unit_offset: bool = False):
         super().__init__()
         self.weight = norm.weight
         self.eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        self.unit_offset = unit_offset  # Gemma stores w - 1: scale by (1 + w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as HF (fp32 variance) so greedy tokens match the reference.
+        # Same arithmetic as HF (fp32 variance; where the cast happens) so greedy tokens match the reference.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -114,12 +119,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, hf_attn: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, hf_attn: nn.Module, config, spec: FamilySpec, layer: LayerSpec):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = spec.head_dim
+        self.scale = spec.attn_scale  # None: 1/sqrt(head_dim)
+        self.sliding_window = layer.sliding_window
         for name in ATTN_MODULES:
             setattr(self, name, LoraLinear(getattr(hf_attn, name)))
         self.qkv = FusedProjection([self.q_proj, self.k_proj, self.v_proj])
+        self.q_norm = RMSNorm(hf_attn.q_norm, spec.norm_unit_offset) if spec.has_qk_norm else None
+        self.k_norm = RMSNorm(hf_attn.k_norm, spec.norm_unit_offset) if spec.has_qk_norm else None
 
     def forward(self, x, cos, sin, cache_k, cache_v, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
@@ -127,10 +138,19 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, hd]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, hd]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # per head, over hd
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin  # cos/sin: [T, 1, hd]
         k = k * cos + _rotate_half(k) * sin
-        out = attend(q, k, v, cache_k, cache_v, batch.attention)  # [T, H*hd]
+        out = attend(q, k, v, cache_k, cache_v, batch.attention, self.scale, self.sliding_window)  # [T, H*hd]
         return self.o_proj(out, batch.lora)
+
+
+ACTIVATION_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # Gemma's GeGLU
+}
 
 
 class MLP(nn.Module):
@@ -139,7 +159,7 @@ class MLP(nn.Module):
         for name in MLP_MODULES:
             setattr(self, name, LoraLinear(getattr(hf_mlp, name)))
         self.gate_up = FusedProjection([self.gate_proj, self.up_proj])
-        self.act = {"silu": F.silu, "gelu": F.gelu}[act]
+        self.act = ACTIVATION_FNS[act]
 
     def forward(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         gate, up = self.gate_up(x, lora)
@@ -147,34 +167,49 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, config, head_dim: int):
+    """x += attn(norm(x)); x += mlp(norm(x)). Gemma 3 also norms each branch's output ("sandwich")."""
+
+    def __init__(self, hf_layer: nn.Module, config, spec: FamilySpec, layer: LayerSpec):
         super().__init__()
-        self.input_layernorm = RMSNorm(hf_layer.input_layernorm)
-        self.post_attention_layernorm = RMSNorm(hf_layer.post_attention_layernorm)
-        num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.self_attn = Attention(hf_layer.self_attn, config.num_attention_heads, num_kv, head_dim)
-        self.mlp = MLP(hf_layer.mlp, config.hidden_act)
+        offset = spec.norm_unit_offset
+        self.rope_key = layer.rope_key
+        self.input_layernorm = RMSNorm(hf_layer.input_layernorm, offset)
+        self.self_attn = Attention(hf_layer.self_attn, config, spec, layer)
+        self.mlp = MLP(hf_layer.mlp, spec.activation)
+        self.attn_out_norm = self.mlp_out_norm = None
+        if spec.has_sandwich_norms:  # Gemma's post_attention_layernorm is on the attention output
+            self.attn_out_norm = RMSNorm(hf_layer.post_attention_layernorm, offset)
+            self.mlp_norm = RMSNorm(hf_layer.pre_feedforward_layernorm, offset)
+            self.mlp_out_norm = RMSNorm(hf_layer.post_feedforward_layernorm, offset)
+        else:
+            self.mlp_norm = RMSNorm(hf_layer.post_attention_layernorm, offset)
 
     def forward(self, x, cos, sin, cache_k, cache_v, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, batch)
+        x = x + (self.attn_out_norm(h) if self.attn_out_norm is not None else h)
+        h = self.mlp(self.mlp_norm(x), batch.lora)
+        return x + (self.mlp_out_norm(h) if self.mlp_out_norm is not None else h)
 
 
 class LlamaForServing(nn.Module):
-    """Wraps the weights of an HF `*ForCausalLM` of the Llama family."""
+    """Wraps the weights of an HF `*ForCausalLM` of a supported family (engine/family.py)."""
 
-    def __init__(self, hf_model: nn.Module, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+    def __init__(self, hf_model: nn.Module, spec: FamilySpec, rope: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
         config = hf_model.config
-        self.config = config
+        self.config, self.spec = config, spec
         self.generation_config = getattr(hf_model, "generation_config", None)
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.embed_tokens = hf_model.model.embed_tokens
-        self.layers = nn.ModuleList(DecoderLayer(l, config, self.head_dim) for l in hf_model.model.layers)
-        self.norm = RMSNorm(hf_model.model.norm)
+        self.head_dim = spec.head_dim
+        self.embed_weight = hf_model.model.embed_tokens.weight  # [V, d]
+        self.layers = nn.ModuleList(
+            DecoderLayer(hf_layer, config, spec, layer_spec) for hf_layer, layer_spec in zip(hf_model.model.layers, spec.layers)
+        )
+        self.norm = RMSNorm(hf_model.model.norm, spec.norm_unit_offset)
         self.lm_head = hf_model.lm_head
-        self.register_buffer("rope_cos", rope_cos, persistent=False)  # [max_len, hd]
-        self.register_buffer("rope_sin", rope_sin, persistent=False)
+        self.rope_keys = tuple(rope)
+        for key, (cos, sin) in rope.items():  # [max_len, hd] each
+            self.register_buffer(f"rope_cos_{key}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{key}", sin, persistent=False)
 
     def lora_linears(self) -> dict[tuple[int, str], LoraLinear]:
         found = {}
@@ -188,10 +223,28 @@ class LlamaForServing(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids, batch: ForwardBatch, kv_cache) -> torch.Tensor:
         """input_ids: [T] -> logits [num_seqs, vocab] (float32) at batch.logits_indices."""
-        x = self.embed_tokens(input_ids)  # [T, d]
-        cos = self.rope_cos[batch.positions].unsqueeze(1).to(x.dtype)  # [T, 1, hd]
-        sin = self.rope_sin[batch.positions].unsqueeze(1).to(x.dtype)
+        x = self.embed(input_ids)  # [T, d]
+        rope = {key: self._rope_at(key, batch.positions, x.dtype) for key in self.rope_keys}
         for i, layer in enumerate(self.layers):
+            cos, sin = rope[layer.rope_key]
             x = layer(x, cos, sin, kv_cache.k[i], kv_cache.v[i], batch)
         x = self.norm(x[batch.logits_indices])  # [num_seqs, d]
-        return self.lm_head(x).float()  # [num_seqs, vocab]
+        return self.logits(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed_weight)  # [T, d]
+        if self.spec.embed_scale is not None:  # rounded to the weights' dtype first, as HF does
+            x = x * torch.tensor(self.spec.embed_scale, dtype=torch.float32).to(x.dtype)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)  # [num_seqs, vocab]
+        cap = self.spec.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def _rope_at(self, key: str, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = getattr(self, f"rope_cos_{key}")[positions].unsqueeze(1).to(dtype)  # [T, 1, hd]
+        sin = getattr(self, f"rope_sin_{key}")[positions].unsqueeze(1).to(dtype)
+        return cos, sin

@@ -75,18 +75,20 @@ class ModelRunner:
         return build_lora_batch(decode_slots, prefill_runs, self.device, pool.num_slots, pool.max_rank, compensation)
 
     def _attention_metadata(self, decode: list[Sequence], prefill: list[Sequence]) -> AttentionMetadata:
-        write_index = decode_mask = None
+        write_index = decode_mask = decode_lengths = None
         max_decode_len = 0
         if decode:
             lengths = [s.num_tokens for s in decode]  # cache length after this step's write
             max_decode_len = max(lengths)
             write_index = self._decode_write_index(lengths)
             columns = torch.arange(max_decode_len, device=self.device)
-            decode_mask = (columns.unsqueeze(0) < self._tensor(lengths).unsqueeze(1))[:, None, None, :]
+            decode_lengths = self._tensor(lengths)
+            decode_mask = (columns.unsqueeze(0) < decode_lengths.unsqueeze(1))[:, None, None, :]
         return AttentionMetadata(
             num_decode=len(decode),
             decode_write_index=write_index,
             decode_mask=decode_mask,  # [n, 1, 1, L]
+            decode_lengths=decode_lengths,
             max_decode_len=max_decode_len,
             prefill_groups=self._prefill_groups(len(decode), prefill),
         )
