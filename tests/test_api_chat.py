@@ -22,7 +22,7 @@ def test_chat_uses_template_and_counts_usage(api_client, api_engine):
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     [choice] = body["choices"]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
-    prompt_ids = api_engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    prompt_ids = api_engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert body["usage"]["prompt_tokens"] == len(prompt_ids)
     assert body["usage"]["completion_tokens"] == 6
 

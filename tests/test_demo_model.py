@@ -128,7 +128,7 @@ def test_chat_template(tokenizer):
     )
     no_prompt = tokenizer.apply_chat_template(messages, tokenize=False)
     assert no_prompt == text.removesuffix("<|assistant|>\n")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     with pytest.raises(Exception, match="Unknown chat role"):
         tokenizer.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
