@@ -52,11 +52,10 @@ def encode_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str,
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidParameter("This model has no chat template; use /v1/completions.", param="messages")
     try:
-        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                            return_dict=False)  # transformers 5 returns a BatchEncoding by default
     except TemplateError as exc:
         raise InvalidParameter(f"messages do not fit the chat template: {exc}", param="messages") from None
-    if isinstance(ids, dict):  # BatchEncoding from some tokenizer versions
-        ids = ids["input_ids"]
     return list(ids)
 
 
