@@ -180,3 +180,13 @@ def test_api_trained_adapter_answers_blue_and_equals_peft(client, tokenizer, bas
     assert refs != base  # the adapter changes the stories
     for prompt, ref in zip(PROMPTS, refs):
         assert [t["id"] for t in _tgi(client, prompt, adapter=model)["details"]["tokens"]] == ref, prompt
+
+
+def test_trainer_splits_a_joint_tokenization_at_the_prompt(tokenizer):
+    from loraplex.training.datasets import IGNORE_INDEX, PromptCompletion, tokenize_example
+
+    ids, labels = tokenize_example(tokenizer, PromptCompletion("Q1: What color is the sky? A:", " blue"), 512)
+    prompt_ids = tokenizer("Q1: What color is the sky? A:")["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids and labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    trained = [label for label in labels if label != IGNORE_INDEX]
+    assert tokenizer.convert_ids_to_tokens(trained) == ["▁b", "l", "u", "e", "</s>"]

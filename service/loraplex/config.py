@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     max_loras: int = Field(8, ge=1, le=256, description="Adapters resident on the device at once (slots).")
     max_lora_rank: int = Field(16, ge=1, le=256, description="Largest adapter rank accepted.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together in one step (KV cache rows).")
-    max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion in tokens (KV cache columns); default: the model's own limit (`max_position_embeddings`, or a dynamic/longrope rope scaling's original length). A larger value is refused at start unless `allow_long_max_model_len`.")
+    max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion in tokens (KV cache columns); default: the model's own limit (`max_position_embeddings`). A larger value is refused at start unless `allow_long_max_model_len`.")
     allow_long_max_model_len: bool = Field(False, description="Accept a `max_model_len` longer than the model's own limit (rope extrapolates: output quality is the operator's risk).")
     max_num_batched_tokens: int = Field(4096, ge=16, description="Most prompt tokens prefilled in one step.")
     max_queue: int = Field(256, ge=0, description="Requests waiting for a batch slot before 429; past it, a tenant below its fair share of batch + queue still gets in.")

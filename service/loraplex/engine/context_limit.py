@@ -3,6 +3,11 @@
 A model is only trained (or rope-scaled) for so many positions; past them rope extrapolates and the
 output turns into quiet garbage. So the default `max_model_len` is the model's own limit and a larger
 value is refused at start, unless the operator says they accept extrapolation.
+
+The limit is `max_position_embeddings`. With the rope scalings the engine serves (`linear`, `llama3`;
+engine/rope.py) that is already the scaled length (Llama 3.1: 131072 over an original 8192); the
+per-sequence ones (`dynamic`, `longrope`), whose original length would be the exact limit of static
+tables, are refused at load. Sliding windows are no limit: the engine applies them per layer.
 """
 from __future__ import annotations
 
@@ -10,9 +15,6 @@ from dataclasses import dataclass
 
 from loraplex.engine.errors import EngineError
 
-# Rope types whose frequencies HF recomputes per sequence once it passes the original length; the
-# engine's rope tables are static, so they are exact only up to that length.
-PER_SEQUENCE_ROPE_TYPES = ("dynamic", "longrope")
 ALLOW_LONG_SETTING = "LORAPLEX_ALLOW_LONG_MAX_MODEL_LEN"
 
 
@@ -23,17 +25,9 @@ class ContextLimit:
 
 
 def model_context_limit(hf_config) -> ContextLimit | None:
-    """The smallest of the model's own limits; None when the config states none."""
-    limits = []
+    """The model's own limit; None when the config states none."""
     max_positions = getattr(hf_config, "max_position_embeddings", None)
-    if max_positions:
-        limits.append(ContextLimit(max_positions, f"max_position_embeddings = {max_positions}"))
-    for rope in rope_parameter_sets(hf_config):
-        original = rope.get("original_max_position_embeddings")
-        if rope.get("rope_type") in PER_SEQUENCE_ROPE_TYPES and original:
-            limits.append(ContextLimit(original, f"{rope['rope_type']} rope scaling's original length {original} "
-                                                 "(the engine's rope tables are static)"))
-    return min(limits, key=lambda limit: limit.max_len, default=None)
+    return ContextLimit(max_positions, f"max_position_embeddings = {max_positions}") if max_positions else None
 
 
 def rope_parameter_sets(hf_config) -> list[dict]:
