@@ -81,7 +81,7 @@ def _check(tokens, refs):
 def test_alone_and_mixed_batch_match_peft(family_setup):
     model_dir, adapters, prompts, refs = family_setup
     engine = build_llm_engine(model_dir, max_loras=2, max_lora_rank=8, max_model_len=64)
-    for name in [None, *ADAPTERS]:
+    for name in (None, "acme/all"):
         tokens = run_to_completion(engine, {f"r{i}": (p, greedy(NUM_NEW), lora(adapters.get(name))) for i, p in enumerate(prompts)})
         assert [tokens[f"r{i}"] for i in range(len(prompts))] == refs[name], name
     _check(run_to_completion(engine, _mixed(adapters, prompts)), refs)
