@@ -62,7 +62,6 @@ MODEL_FILES = (
     "model.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
-    "special_tokens_map.json",
     "generation_config.json",
 )
 SPEC_FILE = "loraplex_demo.json"  # what was built; a mismatch means rebuild
