@@ -43,6 +43,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.settings = settings
     app.state.engine = None  # set once the model is loaded and the engine loop runs
     app.state.registry = None  # needs the model's module shapes: built with the engine
+    app.state.registry_runtime = None  # the registry's index guard (readiness), with the registry
     app.state.file_store = FileStore(settings.data_dir, settings.max_file_bytes, settings.max_file_lines)
     app.state.job_store = None  # opened by the lifespan (Redis or the local job files)
     app.state.local_worker = None  # the embedded worker process, when settings.start_local_worker
@@ -77,7 +78,10 @@ def _lifespan(given_engine: AsyncEngine | None):
         app.state.loop = asyncio.get_running_loop()
         runtime = build_registry(app.state.settings, engine.engine.lora_pool.module_shapes)
         runtime.feed.start(lambda event: _on_registry_change(engine, runtime.registry, event))
+        if runtime.guard is not None:
+            await asyncio.to_thread(runtime.guard.start)  # a lost index is rebuilt before the first request
         app.state.registry = runtime.registry
+        app.state.registry_runtime = runtime
         await _merge_at_start(app.state.settings, engine, runtime.registry)
         app.state.engine = engine
         log.info("serving %s (max_model_len=%d)", engine.model_name, engine.max_model_len)

@@ -7,6 +7,7 @@ from typing import Any
 
 from loraplex.config import Settings
 from loraplex.registry.change_feed import ChangeFeed, LocalChangeFeed, NotifyingIndex
+from loraplex.registry.index_repair import IndexGuard
 from loraplex.registry.service import AdapterRegistry, UploadLimits
 from loraplex.registry.versioned_store import LocalJsonIndex, TenantQuota, VersionedAdapterStore
 
@@ -18,8 +19,15 @@ class RegistryRuntime:
     registry: AdapterRegistry
     feed: Any  # ChangeFeed | LocalChangeFeed
     index: Any
+    guard: IndexGuard | None = None  # a Redis index, rebuilt from the volume when it lost its data
+
+    @property
+    def is_index_consistent(self) -> bool:
+        return self.guard is None or self.guard.is_consistent
 
     def close(self) -> None:
+        if self.guard is not None:
+            self.guard.stop()
         self.feed.stop()
         if hasattr(self.index, "close"):
             self.index.close()
@@ -41,7 +49,8 @@ def build_registry(settings: Settings, module_shapes: dict) -> RegistryRuntime:
     store = VersionedAdapterStore(data_dir, quota, index=index, max_lora_rank=settings.max_lora_rank,
                                   allowed_target_modules=settings.lora_target_module_list)
     limits = UploadLimits(settings.max_lora_rank, settings.max_adapter_bytes)
-    return RegistryRuntime(AdapterRegistry(store, module_shapes, limits), feed, index)
+    guard = IndexGuard(store) if settings.redis_url else None  # started by the server, not by workers
+    return RegistryRuntime(AdapterRegistry(store, module_shapes, limits), feed, index, guard)
 
 
 def _redacted(url: str) -> str:

@@ -6,6 +6,8 @@ Redis holds only metadata (blobs stay on the shared filesystem, written by the s
     <ns>:latest:<tenant>            HASH  name -> record JSON of the latest version (one read lists a tenant)
     <ns>:tenants                    SET   tenants with at least one adapter
     <ns>:seq:<tenant>/<name>        INT   last version number handed out by `next_version`
+    <ns>:complete                   STR   set once the index holds everything on the volume (`index_repair`);
+                                          its absence means Redis lost its data (FLUSHALL, a restart without AOF)
     <ns>:changes                    pub/sub channel of `change_feed` events
 
 Publish and remove are Lua scripts: the records, the latest pointer and the change event move together or
@@ -153,6 +155,14 @@ class RedisAdapterIndex:
         with self._errors(f"allocate a version of {tenant}/{name}"):
             return int(self._next_version(keys=[self._seq_key(tenant, name)], args=[floor]))
 
+    def is_complete(self) -> bool:
+        with self._errors("check the index"):
+            return bool(self._redis.exists(self._complete_key()))
+
+    def mark_complete(self) -> None:
+        with self._errors("mark the index complete"):
+            self._redis.set(self._complete_key(), "1")
+
     def ping(self) -> None:
         """RegistryUnavailable unless Redis answers (for readiness probes)."""
         with self._errors("ping"):
@@ -193,6 +203,9 @@ class RedisAdapterIndex:
 
     def _tenants_key(self) -> str:
         return f"{self.namespace}:tenants"
+
+    def _complete_key(self) -> str:
+        return f"{self.namespace}:complete"
 
     def _seq_key(self, tenant: str, name: str) -> str:
         return f"{self.namespace}:seq:{tenant}/{name}"

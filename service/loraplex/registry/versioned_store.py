@@ -6,8 +6,12 @@
     <data_dir>/<tenant>/<name>/{adapter_config.json, adapter_model.safetensors}   legacy flat = version 1
     <data_dir>/.staging/ .trash/ .locks/   dot-dirs, never a tenant (id parts start with [a-z0-9])
 
-A put is built in `.staging/`, fsynced, renamed into place, then published by the index: a version dir
-above `newest` is an unfinished put and is never served. A put with `promote=False` (a fine-tuned
+A put is built in `.staging/`, fsynced, renamed into place, then published by the index, then marked
+published on disk (`newest`, `latest`): a version dir above `newest` that the index does not know is what a
+killed put left; it is never served and the next put of that adapter (or the next start) removes it, so
+its number is handed out again and nothing unacknowledged ever becomes servable. A publish whose answer
+was lost (Redis stalled) is resolved by reading back and publishing again (idempotent), never by deleting
+files the index may already point at. The disk pointers make the index rebuildable (`index_repair`). A put with `promote=False` (a fine-tuned
 adapter that did not beat the base model) is served as `name@n` only; the bare name keeps its version. A delete renames the whole adapter dir into
 `.trash/` (404 from that instant), then removes it. Writers to one tenant hold one lock (thread lock +
 flock, so several workers agree) because the quota is per tenant; readers hold none: a version never
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loraplex.engine.model import LORA_MODULES
+from loraplex.failpoints import failpoint
 from loraplex.engine.types import LoraRequest
 from loraplex.registry.adapter_config import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.registry.errors import (
@@ -149,11 +154,7 @@ class LocalJsonIndex:
         return self._legacy_record(tenant, name) if version == 1 else None
 
     def publish(self, record: AdapterVersion, promote: bool = True) -> None:
-        adapter_dir = record.path.parent
-        if record.version > (self._newest_version(adapter_dir) or 0):
-            _write_atomically(adapter_dir / NEWEST_FILE, f"{record.version}\n".encode())
-        if promote:
-            _write_atomically(adapter_dir / LATEST_FILE, f"{record.version}\n".encode())
+        write_published_mark(record.path.parent, record.version, promote)  # the marks are this index
 
     def remove(self, tenant: str, name: str) -> None:
         pass  # the pointer lives in the adapter dir, which the store moves away next
@@ -215,6 +216,7 @@ class VersionedAdapterStore:
         for hidden in (".staging", ".trash", ".locks"):
             (self.data_dir / hidden).mkdir(parents=True, exist_ok=True)
         _sweep_leftovers(self.data_dir)
+        self.settle_all()
 
     def put(self, tenant: str, name: str, files: Mapping[str, bytes], validated: ValidatedAdapter, shared: bool = False,
             promote: bool = True) -> AdapterVersion:
@@ -293,27 +295,92 @@ class VersionedAdapterStore:
     def _commit(self, staging: Path, tenant: str, name: str, validated: ValidatedAdapter, shared: bool,
                 promote: bool) -> AdapterVersion:
         adapter_dir = self.data_dir / tenant / name
-        record = _new_record(tenant, name, _next_version(adapter_dir), validated, shared, adapter_dir)
+        self.settle(tenant, name)  # under the tenant lock: what a killed put left goes before a number is drawn
+        record = _new_record(tenant, name, self._allocate_version(tenant, name), validated, shared, adapter_dir)
         _write_synced(staging / META_FILE, json.dumps(record.to_meta(), indent=2).encode())
         _fsync_dir(staging)
         new_dirs = [d for d in (adapter_dir.parent, adapter_dir) if not d.exists()]
         adapter_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if published_mark(adapter_dir) is None and not _version_dirs(adapter_dir):
+                _write_atomically(adapter_dir / NEWEST_FILE, b"0\n")  # a new adapter: every later dir is judged
             self._move_and_publish(staging, record, promote)
         except BaseException:
             for directory in reversed(new_dirs):
+                (directory / NEWEST_FILE).unlink(missing_ok=True)  # the mark of a new adapter that never was
                 _remove_if_empty(directory)
             raise
         return record
 
+    def _allocate_version(self, tenant: str, name: str) -> int:
+        """From the index: Redis hands out numbers atomically (any replica; above what is on disk, so a lost
+        Redis never reuses one); the local index is the disk, where leftovers were just removed."""
+        floor = _next_version(self.data_dir / tenant / name) - 1
+        next_version = getattr(self.index, "next_version", None)
+        return next_version(tenant, name, floor) if next_version is not None else floor + 1
+
     def _move_and_publish(self, staging: Path, record: AdapterVersion, promote: bool) -> None:
         os.rename(staging, record.path)  # the version dir appears whole or not at all
+        failpoint("versioned_store.after_rename")
         try:
             _fsync_dir(record.path.parent)
+            failpoint("versioned_store.before_publish")
             self.index.publish(record, promote)
+        except RegistryUnavailable:  # ambiguous: the publish may have been applied (or still be on its way)
+            self._resolve_publish(record, promote)
         except BaseException:
             shutil.rmtree(record.path, ignore_errors=True)  # never published, so never served meanwhile
             raise
+        failpoint("versioned_store.after_publish")
+        try:
+            write_published_mark(record.path.parent, record.version, promote)
+        except OSError as exc:  # published and served; the next settle repairs the mark from the index
+            log.warning("%s published but not marked on disk: %s", record.versioned_id, exc)
+
+    def _resolve_publish(self, record: AdapterVersion, promote: bool) -> None:
+        """Read back; publish again if absent (idempotent: same record, the latest pointer only moves
+        forward). Still no answer: 503, and the files stay, since the index may point at them already."""
+        for attempt in range(PUBLISH_RESOLVE_ATTEMPTS):
+            time.sleep(PUBLISH_RESOLVE_PAUSE_S * attempt)
+            try:
+                if self.index.get(record.tenant, record.name, record.version) is None:
+                    self.index.publish(record, promote)
+                log.warning("publish of %s resolved after its answer was lost", record.versioned_id)
+                return
+            except RegistryUnavailable as exc:
+                last_error = exc
+        log.error("publish of %s unresolved (index unreachable); its files are kept", record.versioned_id)
+        raise last_error
+
+    def settle(self, tenant: str, name: str) -> None:
+        """Call under the tenant lock. A version dir above the `newest` mark is an unfinished put: if the
+        index knows it (its publish answer was lost), mark it published; else it was never acknowledged
+        and goes to the trash. Without a mark (data from before marks) nothing is judged."""
+        adapter_dir = self.data_dir / tenant / name
+        mark = published_mark(adapter_dir)
+        for version in _version_dirs(adapter_dir):
+            if mark is not None and version <= mark:
+                continue
+            record = self.index.get(tenant, name, version)
+            if record is not None:
+                latest = self.index.get(tenant, name, None)
+                write_published_mark(adapter_dir, version, latest is not None and latest.version == version)
+                mark = version
+            elif mark is not None:
+                log.warning("removing %s/%s v%d: a put that was never published (a crash or kill)", tenant, name, version)
+                trash = self.data_dir / ".trash" / f"{tenant}.{name}.v{version}.{uuid.uuid4().hex}"
+                os.rename(adapter_dir / f"v{version}", trash)
+                shutil.rmtree(trash, ignore_errors=True)
+
+    def settle_all(self) -> None:
+        """At start: settle every adapter (skipped while the index is unreachable)."""
+        for tenant in _id_subdirs(self.data_dir):
+            try:
+                with self._tenant_lock(tenant):
+                    for name in _id_subdirs(self.data_dir / tenant):
+                        self.settle(tenant, name)
+            except (RegistryUnavailable, OSError) as exc:
+                log.warning("cannot check tenant %s for unfinished puts now: %s", tenant, exc)
 
     @contextmanager
     def _tenant_lock(self, tenant: str) -> Iterator[None]:
@@ -324,6 +391,8 @@ class VersionedAdapterStore:
             yield
 
 
+PUBLISH_RESOLVE_ATTEMPTS = 2
+PUBLISH_RESOLVE_PAUSE_S = 0.5
 STAGING_LEFTOVER_AGE_S = 3600.0  # a put stages for seconds: an older staging dir was left by a crash
 
 
@@ -384,6 +453,38 @@ def _next_version(adapter_dir: Path) -> int:
     if (adapter_dir / CONFIG_FILE).is_file():
         versions.append(1)
     return max(versions, default=0) + 1
+
+
+def _version_dirs(adapter_dir: Path) -> list[int]:
+    return sorted(int(m[1]) for m in map(_VERSION_DIR.fullmatch, _entry_names(adapter_dir)) if m)
+
+
+def published_mark(adapter_dir: Path) -> int | None:
+    """The highest version marked published on disk (`newest`, else `latest`); None: no mark at all."""
+    for pointer in (NEWEST_FILE, LATEST_FILE):
+        try:
+            return int((adapter_dir / pointer).read_text().strip())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            log.warning("unreadable %s in %s", pointer, adapter_dir)
+            return None
+    return None
+
+
+def write_published_mark(adapter_dir: Path, version: int, promote: bool) -> None:
+    """`newest` (only forward) and, if promoted, `latest`: what a rebuilt index publishes again."""
+    if version > (published_mark(adapter_dir) or 0):
+        _write_atomically(adapter_dir / NEWEST_FILE, f"{version}\n".encode())
+    if promote and _read_version(adapter_dir / LATEST_FILE) != version:
+        _write_atomically(adapter_dir / LATEST_FILE, f"{version}\n".encode())
+
+
+def _read_version(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _read_meta(path: Path) -> AdapterVersion | None:

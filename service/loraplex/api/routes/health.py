@@ -1,4 +1,4 @@
-"""Kubernetes probes: /healthz (process alive), /readyz (engine serving, not draining),
+"""Kubernetes probes: /healthz (process alive), /readyz (engine serving, not draining, adapter index whole),
 /startupz (model loaded); and the Prometheus scrape endpoint /metrics."""
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ async def readyz(request: Request) -> dict[str, str]:
         raise ServiceUnavailable("The engine is not ready.")
     if request.app.state.drain.is_draining:
         raise ServiceUnavailable("The server is draining.")
+    runtime = request.app.state.registry_runtime
+    if runtime is not None and not runtime.is_index_consistent:
+        raise ServiceUnavailable("The adapter index is being rebuilt from the data volume.")
     return {"status": "ready"}
 
 
