@@ -1,14 +1,16 @@
 """The local job store (one machine; several processes agree through flock):
 
     <data_dir>/.jobs/jobs/<job id>.json       the record, replaced atomically
-    <data_dir>/.jobs/events/<job id>.jsonl    events, appended
+    <data_dir>/.jobs/events/<job id>.jsonl    events, appended whole or not at all (a failed append is cut back)
     <data_dir>/.jobs/queue/<order>-<job id>   one empty file per queued job; a claim removes the oldest
     <data_dir>/.jobs/.lock                    every write holds it
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
@@ -19,9 +21,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from loraplex.failpoints import failpoint
 from loraplex.training.jobs import (
     ACTIVE, CLAIMED, QUEUED, VALIDATING_FILES, JobNotFound, JobRecord, TooManyJobs, is_job_id,
 )
+
+log = logging.getLogger(__name__)
+
 
 class LocalJobStore:
     def __init__(self, data_dir: Path):
@@ -63,18 +69,23 @@ class LocalJobStore:
             return job
 
     def claim(self, worker_id: str) -> JobRecord | None:
+        """The record is written before the queue entry goes: a claim that fails (a full disk) leaves the
+        job queued and claimable, never `queued` with no entry (which no worker would ever find)."""
         with self._locked():
             for entry in sorted((self.root / "queue").iterdir()):
-                entry.unlink(missing_ok=True)
                 job_id = entry.name.partition("-")[2]
                 try:
                     job = self.get(job_id)
                 except JobNotFound:
+                    entry.unlink(missing_ok=True)
                     continue
                 if job.status == QUEUED:
                     job = replace(job, status=VALIDATING_FILES, worker_id=worker_id, heartbeat_at=time.time())
+                    failpoint("local_jobs.before_claim_write")
                     self._write(job)
+                    entry.unlink(missing_ok=True)
                     return job
+                entry.unlink(missing_ok=True)  # cancelled while queued
         return None
 
     def requeue(self, job_id: str) -> None:
@@ -92,15 +103,38 @@ class LocalJobStore:
         return [j.id for j in self._all() if j.status in CLAIMED and now - (j.heartbeat_at or 0) > stale_after_s]
 
     def add_event(self, job_id: str, event: dict[str, Any]) -> None:
-        with self._locked(), open(self.root / "events" / f"{job_id}.jsonl", "a") as out:
-            out.write(json.dumps(event) + "\n")
+        """One write of the whole line; if it fails part way (a full disk) the file is cut back to where it
+        was, so no half line is left for readers."""
+        line = (json.dumps(event) + "\n").encode()
+        with self._locked():
+            fd = os.open(self.root / "events" / f"{job_id}.jsonl", os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line left by a crash: end it first
+                    line = b"\n" + line
+                try:
+                    failpoint("local_jobs.before_event_write")
+                    if os.write(fd, line) != len(line):
+                        raise OSError(errno.ENOSPC, "No space left on device (short write)")
+                except OSError:
+                    os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
+        """Every readable event; a torn line (a crash mid-append by an older version) is skipped, logged."""
         try:
-            lines = (self.root / "events" / f"{job_id}.jsonl").read_text().splitlines()
+            lines = (self.root / "events" / f"{job_id}.jsonl").read_bytes().split(b"\n")
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in lines if line.strip()]
+        events = []
+        for line in filter(bytes.strip, lines):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                log.warning("job %s: skipping an unreadable event line (%d bytes)", job_id, len(line))
+        return events
 
     def close(self) -> None:
         os.close(self._lock_fd)

@@ -37,6 +37,7 @@ from loraplex.training.job_store import build_job_store
 from loraplex.training.contamination import audit, describe
 from loraplex.training.job_inputs import adapter_name, load_inputs
 from loraplex.training.promotion import evaluate_result
+from loraplex.training.store_retry import STORE_ERRORS, EventBuffer, retry_store
 from loraplex.training.supervisor import PARENT_PID_ENV
 from loraplex.training.trainer import Continuation, TrainingCancelled, train_lora  # cancelled: user, reaper, shutdown
 
@@ -59,7 +60,11 @@ class Worker:
         log.info("worker %s waiting for fine-tuning jobs", self.worker_id)
         while not self.shutdown.is_set():
             self._reap_now_and_then()
-            job = self.store.claim(self.worker_id)
+            try:
+                job = self.store.claim(self.worker_id)
+            except STORE_ERRORS as exc:  # the store is down or full: this worker waits, it does not exit
+                log.warning("cannot claim a job now: %s", exc)
+                job = None
             if job is None:
                 self.shutdown.wait(POLL_S)
                 continue
@@ -88,7 +93,7 @@ class Worker:
             shutil.rmtree(work_dir, ignore_errors=True)
 
     def _train_and_publish(self, job: JobRecord, work_dir: Path, progress: _Progress) -> None:
-        self.store.add_event(job.id, make_event(f"Validating training file: {job.training_file}"))
+        progress.send(make_event(f"Validating training file: {job.training_file}"))
         hp = Hyperparameters.from_request(job.hyperparameters, job.seed, self.settings.max_train_steps)
         parent = self._lookup(job.parent_model) if job.parent_model else None
         if job.parent_model and parent is None:
@@ -97,15 +102,15 @@ class Worker:
         incumbent = self._lookup(f"{job.tenant}/{adapter_name(job)}")
         resolved = hp.resolve(len(inputs.train), self.settings.max_lora_rank, _num_layers(self.model_dir),
                               has_replay=inputs.replay is not None)
-        if self.store.update(job.id, expect=CLAIMED, status=RUNNING, num_steps=resolved.num_steps,
-                             resolved_hyperparameters=resolved.to_dict()) is None:
+        if retry_store(lambda: self.store.update(job.id, expect=CLAIMED, status=RUNNING, num_steps=resolved.num_steps,
+                                                 resolved_hyperparameters=resolved.to_dict()), "start the job") is None:
             raise TrainingCancelled(0)  # cancelled or reaped meanwhile
-        self.store.add_event(job.id, make_event("Fine-tuning job started."))
-        self.store.add_event(job.id, make_event(_validation_message(inputs)))
+        progress.send(make_event("Fine-tuning job started."))
+        progress.send(make_event(_validation_message(inputs)))
         contamination = audit(inputs.train, inputs.validation, inputs.replay)
         if contamination is not None:
             level = "warn" if contamination["warned"] else "info"
-            self.store.add_event(job.id, make_event(describe(contamination), level=level))  # numbers: evaluation
+            progress.send(make_event(describe(contamination), level=level))  # numbers: evaluation
         continuation = Continuation(inputs.parent_dir, inputs.replay, inputs.parent_validation)
         result = train_lora(self.model_dir, inputs.train, hp, work_dir / "adapter", on_event=progress.on_event,
                             should_stop=progress.should_stop, validation=inputs.validation, device=self.settings.device,
@@ -118,26 +123,28 @@ class Worker:
                                      incumbent_id=incumbent.versioned_id if incumbent else None,
                                      parent_model=job.parent_model)
         evaluation.update(contamination=contamination, replay_file=inputs.replay_source)
-        adapter_id = self.publisher(job, result.out_dir, evaluation["promoted"])
-        self.store.update(job.id, expect=CLAIMED, status=SUCCEEDED, fine_tuned_model=adapter_id,
-                          trained_tokens=result.train_tokens, finished_at=int(time.time()), step=result.num_steps,
-                          estimated_finish=None, checkpoints=[_checkpoint(job, adapter_id, result)],
-                          evaluation=evaluation)
-        self._report_end(job, result, evaluation, adapter_id)
+        adapter_id = retry_store(lambda: self.publisher(job, result.out_dir, evaluation["promoted"]), "publish the adapter")
+        progress.events.drain()  # every step event before the status says done
+        retry_store(lambda: self.store.update(
+            job.id, expect=CLAIMED, status=SUCCEEDED, fine_tuned_model=adapter_id, trained_tokens=result.train_tokens,
+            finished_at=int(time.time()), step=result.num_steps, estimated_finish=None,
+            checkpoints=[_checkpoint(job, adapter_id, result)], evaluation=evaluation), "record the job's success")
+        self._report_end(job, result, evaluation, adapter_id, progress)
+        progress.events.drain()
 
-    def _report_end(self, job: JobRecord, result, evaluation: dict, adapter_id: str) -> None:
+    def _report_end(self, job: JobRecord, result, evaluation: dict, adapter_id: str, progress: _Progress) -> None:
         if result.stopped_early:
-            self.store.add_event(job.id, make_event(
+            progress.send(make_event(
                 f"Early stopping after epoch {len(result.epochs)}: no better validation loss since epoch "
                 f"{result.best_epoch}; kept epoch {result.best_epoch} (step {result.best_step})."))
         if evaluation["parent_forgetting"] is not None:
-            self.store.add_event(job.id, make_event(
+            progress.send(make_event(
                 f"Forgetting: the parent's validation loss went {evaluation['parent_valid_loss_before']:.4f} -> "
                 f"{evaluation['parent_valid_loss_after']:.4f}; reference-text perplexity x{evaluation['forgetting_ratio']:.3f}."))
         level = "info" if evaluation["promoted"] else "warn"
-        self.store.add_event(job.id, make_event(f"Evaluation: {evaluation['reason']}.", level=level))
-        self.store.add_event(job.id, make_event(f"New fine-tuned model created: {adapter_id}"))
-        self.store.add_event(job.id, make_event("The job has successfully completed."))
+        progress.send(make_event(f"Evaluation: {evaluation['reason']}.", level=level))
+        progress.send(make_event(f"New fine-tuned model created: {adapter_id}"))
+        progress.send(make_event("The job has successfully completed."))
         log.info("job %s succeeded: %s", job.id, adapter_id)
 
     def _lookup(self, adapter_id: str):
@@ -155,12 +162,16 @@ class Worker:
             self.store.add_event(job.id, make_event("Fine-tuning job cancelled."))
 
     def _fail(self, job: JobRecord, code: str, message: str, param: str | None) -> None:
+        """Recorded with its true reason, waiting out a short store outage (never left to the reaper's
+        `worker_lost` if the store comes back in time)."""
         error = {"code": code, "message": message, "param": param}
         try:
-            if self.store.update(job.id, expect=CLAIMED, status=FAILED, error=error, finished_at=int(time.time()),
-                                 estimated_finish=None) is not None:
-                self.store.add_event(job.id, make_event(f"Fine-tuning job failed: {message}", level="error"))
-        except Exception:  # the store itself cannot be written (a full disk): stop beating, the reaper fails it
+            if retry_store(lambda: self.store.update(job.id, expect=CLAIMED, status=FAILED, error=error,
+                                                     finished_at=int(time.time()), estimated_finish=None),
+                           f"record the failure of job {job.id}") is not None:
+                retry_store(lambda: self.store.add_event(job.id, make_event(f"Fine-tuning job failed: {message}",
+                                                                            level="error")), "add an event")
+        except Exception:  # the store stays unwritable (a full disk): stop beating, the reaper fails it
             log.exception("job %s: cannot record its failure (%s)", job.id, message)
 
     def _reap_now_and_then(self) -> None:
@@ -175,10 +186,12 @@ class Worker:
 
 
 class _Progress:
-    """`on_event` and `should_stop` for `train_lora`: events out, the cancel flag in (read every POLL_S)."""
+    """`on_event` and `should_stop` for `train_lora`: events out (kept in order while the store is
+    unreachable, sent when it answers), the cancel flag in (read every POLL_S)."""
 
     def __init__(self, store: JobStore, job_id: str, shutdown: threading.Event):
         self.store, self.job_id, self.shutdown = store, job_id, shutdown
+        self.events = EventBuffer(store, job_id)
         self.is_cancel_requested = False
         self._num_steps = 0
         self._next_check = 0.0
@@ -209,7 +222,10 @@ class _Progress:
                         valid_reward_margin=round(score.valid_reward_margin, 6))
             message = (f"Epoch {score.epoch}: validation DPO loss={score.valid_loss:.4f}, preference accuracy="
                        f"{score.valid_token_accuracy:.3f}, reward margin={score.valid_reward_margin:.3f}")
-        self.store.add_event(self.job_id, make_event(message, data=data))
+        self.send(make_event(message, data=data))
+
+    def send(self, event: dict) -> None:
+        self.events.add(event)
 
     def on_event(self, event) -> None:
         self._num_steps = event.num_steps_total
@@ -218,12 +234,15 @@ class _Progress:
                 "train_loss": round(event.loss, 6), "learning_rate": event.learning_rate,
                 "progress": round(progress, 4), "elapsed_s": round(event.elapsed_s, 3)}
         message = f"Step {event.step}/{event.num_steps_total}: training loss={event.loss:.4f}"
-        self.store.add_event(self.job_id, make_event(message, data=data))
+        self.send(make_event(message, data=data))
         if time.monotonic() >= self._next_progress or event.step == event.num_steps_total:
             self._next_progress = time.monotonic() + PROGRESS_EVERY_S
             remaining_s = event.elapsed_s / max(1, event.step) * (event.num_steps_total - event.step)
-            self.store.update(self.job_id, expect=(RUNNING,), step=event.step,
-                              estimated_finish=int(time.time() + remaining_s))
+            try:
+                self.store.update(self.job_id, expect=(RUNNING,), step=event.step,
+                                  estimated_finish=int(time.time() + remaining_s))
+            except STORE_ERRORS as exc:  # only an estimate: the next one goes out a second later
+                log.warning("cannot update the progress of job %s: %s", self.job_id, exc)
 
 
 class _Heartbeat:
