@@ -10,11 +10,14 @@ findings of issue 20 reproduced on these real processes, each now passing.
 - 12: Redis down 3 s while a job trains: the job succeeds, every step event arrives.
 - 11: FLUSHALL: both replicas serve every adapter again (same versions, same sha256) within 10 s, no
   restart, and say so loudly in their logs.
+- 15: SIGTERM with a stream open longer than the drain grace (replica A's frames are slowed by the
+  failpoint `sse.before_frame=sleep(0.1)`): the stream ends with an error event and `[DONE]`, exit 0.
 The servers start once for the module (each start costs seconds); the tests run in this order.
 """
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -62,7 +65,8 @@ class Cluster:
         common = dict(model=str(demo_model_dir), served_model_name="demo", redis_url=redis_server.url,
                       **{**SERVER_SETTINGS, "job_stale_after_s": 30})
         self.a = ServerProcess(self.data_dir, tmp / "a.log", start_local_worker="false",
-                               failpoints=f"versioned_store.before_publish=block({self.marker})", **common)
+                               failpoints=f"versioned_store.before_publish=block({self.marker});sse.before_frame=sleep(0.1)",
+                               **{**common, "drain_grace_s": 1})
         self.b = ServerProcess(self.data_dir, tmp / "b.log", start_local_worker="true", **common)
 
     def wait_ready(self) -> None:
@@ -214,3 +218,18 @@ def test_after_flushall_both_replicas_serve_every_adapter_again(cluster):
 def _all_adapters(c: httpx.Client) -> list[dict]:
     response = c.get("/v1/adapters", headers=auth("admin"), params={"limit": 100})
     return response.json()["data"] if response.status_code == 200 else []
+
+
+def test_a_stream_open_when_the_drain_grace_ends_gets_an_error_event_and_done(cluster):
+    body = {"model": "demo", "prompt": "Once", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=cluster.a.url, timeout=60) as c, \
+            c.stream("POST", "/v1/completions", headers=auth("acme"), json=body) as response:
+        frames = (line for line in response.iter_lines() if line.startswith("data:"))
+        assert json.loads(next(frames)[len("data: "):])["choices"]  # streaming; 200 frames would take 20 s
+        cluster.a.proc.send_signal(signal.SIGTERM)  # drain grace: 1 s
+        rest = list(frames)
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    error = json.loads(rest[-2][len("data: "):])["error"]
+    assert error["code"] == "server_shutting_down" and error["message"], error
+    assert all(json.loads(f[len("data: "):])["choices"] for f in rest[:-2])  # whole chunks up to the end
+    assert len(rest) < 100 and cluster.a.proc.wait(timeout=30) == 0  # ended early, exit 0

@@ -129,3 +129,31 @@ def test_a_failed_record_write_leaves_no_orphaned_data(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         store.create("acme", "t.jsonl", "fine-tune", b'{"prompt": "a", "completion": " b"}\n')
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_per_tenant_file_quotas_refuse_uploads_over_them(client, settings, tmp_path):
+    """Issue 20 finding 4: 20 uploads of 16 MB were all accepted. Now a tenant's count and bytes are capped
+    (LORAPLEX_MAX_FILES_PER_TENANT, LORAPLEX_MAX_FILE_BYTES_PER_TENANT): 403 quota_exceeded, nothing stored."""
+    quota = settings.model_copy(update={"data_dir": tmp_path, "max_files_per_tenant": 2,
+                                        "max_file_bytes_per_tenant": 2 * len(GOOD) + 10})
+    with TestClient(create_app(quota, client.app.state.engine)) as small:
+        assert [upload(small, "acme", GOOD).status_code for _ in range(2)] == [200, 200]
+        refused = upload(small, "acme", GOOD)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "quota_exceeded", refused.text
+        assert "2 training files" in refused.json()["error"]["message"]
+        assert upload(small, "globex", GOOD).status_code == 200  # per tenant: the other one is not affected
+        first = small.get("/v1/files", headers=auth("acme")).json()["data"][0]["id"]
+        assert small.delete(f"/v1/files/{first}", headers=auth("acme")).status_code == 200
+        too_big = upload(small, "acme", GOOD * 2)  # room for one more file, not for these bytes
+        assert too_big.status_code == 403 and "bytes of training files" in too_big.json()["error"]["message"]
+        assert len(small.get("/v1/files", headers=auth("acme")).json()["data"]) == 1
+
+
+def test_a_chat_file_whose_first_message_is_the_assistants_is_refused_at_upload(client):
+    """Issue 20 finding 8: it passed upload and failed the job with IndexError."""
+    line = {"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Hello"},
+                         {"role": "assistant", "content": "How can I help?"}]}
+    refused = upload(client, "acme", json.dumps(line).encode() + b"\n")
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "file" and "line 1: the first message must be from the system or the user" in error["message"]

@@ -324,3 +324,13 @@ def test_an_unpromoted_version_is_served_only_by_its_number(store, upload, uploa
     assert store.get("acme", "sql", 2).version == 2  # still addressable after a newer promotion
     with pytest.raises(AdapterNotFound):
         store.get("acme", "sql", 4)
+
+
+def test_an_unpromoted_version_of_a_shared_adapter_is_not_shared(store, upload, upload2):
+    """Issue 20 finding 8: a fine-tune that did not beat the base model (promote=False) inherited shared=True
+    from the admin-shared latest version, publishing a tenant's new weights to everyone without the admin."""
+    shared = store.put("globex", "tool", *upload, shared=True)
+    held_back = store.put("globex", "tool", *upload2, promote=False)
+    assert store.get("globex", "tool").version == shared.version and store.get("globex", "tool").shared
+    assert store.get("globex", "tool", held_back.version).shared is False
+    assert store.get("globex", "tool", shared.version).shared  # versions up to the latest follow its flag

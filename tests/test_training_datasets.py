@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from loraplex.training.datasets import (
+    _tokenize_chat_by_prefixes,
     CHAT,
     IGNORE_INDEX,
     MAX_REPORTED_PROBLEMS,
@@ -15,6 +16,7 @@ from loraplex.training.datasets import (
     ChatExample,
     ChatMessage,
     DatasetError,
+    PreparationStopped,
     PromptCompletion,
     tokenize_dataset,
     tokenize_example,
@@ -70,6 +72,9 @@ def test_bad_json_is_reported_on_its_line():
         ([{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}], "messages[0].role"),
         ([{"role": "user", "content": "x"}], "last message must be from the assistant"),
         ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "last message"),
+        ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}, {"role": "assistant", "content": "z"}],
+         "first message must be from the system or the user"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 129, "258 messages, more than the limit of 256"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}], "nothing to train"),
         ([{"role": "user", "content": ["parts"]}, {"role": "assistant", "content": "y"}], "content must be a string"),
         ([], "non-empty list"),
@@ -159,6 +164,59 @@ def test_chat_trains_only_assistant_turns(tokenizer):
     assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
     eot = "<|end_of_turn|>"
     assert trained_text(tokenizer, ids, labels) == f"Hello!{eot}\nBye.{eot}\n"
+
+
+@pytest.mark.parametrize("messages", [
+    (ChatMessage("user", "a"), ChatMessage("assistant", "<|assistant|>\nb<|end_of_turn|>\n"), ChatMessage("user", "c"),
+     ChatMessage("assistant", "b")),  # content that looks like the template's own markers
+    (ChatMessage("system", ""), ChatMessage("user", ""), ChatMessage("assistant", ""), ChatMessage("user", "x"),
+     ChatMessage("assistant", " é 🙂 tail ")),  # empty turns, leading spaces, multi-byte characters
+    (ChatMessage("user", "same"), ChatMessage("assistant", "same", weight=0), ChatMessage("user", "same"),
+     ChatMessage("assistant", "same")),
+])
+def test_chat_spans_found_in_one_rendering_equal_the_prefix_by_prefix_ones(tokenizer, messages):
+    assert tokenize_example(tokenizer, ChatExample(messages), 4096) == _tokenize_chat_by_prefixes(tokenizer, ChatExample(messages))
+
+
+def _long_chat(num_turns: int) -> ChatExample:
+    pairs = [(ChatMessage("user", f"question {i}?"), ChatMessage("assistant", f"answer {i}.")) for i in range(num_turns)]
+    return ChatExample(tuple(m for pair in pairs for m in pair))
+
+
+def test_chat_tokenization_is_linear_in_the_number_of_turns(tokenizer):
+    """Issue 20 finding 2: 500 turns took 2 s and 2,000 turns 32 s per example (every prefix rendered and
+    tokenized). Now: one rendering, one tokenization (the message cap at upload is 256; these go beyond it)."""
+    import time
+
+    def seconds(num_turns: int) -> float:
+        example, best = _long_chat(num_turns), float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            ids, labels = tokenize_example(tokenizer, example, 10**6)
+            best = min(best, time.perf_counter() - started)
+        assert sum(label != IGNORE_INDEX for label in labels) > num_turns  # every answer trained
+        return best
+
+    short, long = seconds(500), seconds(2000)
+    print(f"\nchat tokenization: 500 turns {short * 1000:.0f} ms, 2,000 turns {long * 1000:.0f} ms")
+    assert long < 2.0 and long / short < 8, (short, long)  # quadratic would be 16x
+
+
+def test_a_cancel_stops_data_preparation_within_2_s(tokenizer):
+    import threading
+    import time
+
+    lines = [{"messages": [{"role": m.role, "content": m.content} for m in _long_chat(120).messages]}] * 400
+    dataset, cancelled, set_at = validate_jsonl(jsonl(*lines)), threading.Event(), []
+
+    def cancel() -> None:
+        set_at.append(time.monotonic())
+        cancelled.set()
+
+    threading.Timer(0.3, cancel).start()
+    with pytest.raises(PreparationStopped):
+        tokenize_dataset(tokenizer, dataset, 512, should_stop=cancelled.is_set)
+    assert time.monotonic() - set_at[0] < 2.0
 
 
 def test_truncation_is_counted_and_label_free_examples_dropped(tokenizer):

@@ -38,6 +38,12 @@ def failpoint(name: str) -> None:
         _fire(name, action)
 
 
+def delay_s(name: str) -> float:
+    """For async code, which must not block in `time.sleep`: the seconds of an armed `sleep(<s>)`, else 0."""
+    match = _ACTION.fullmatch(_armed().get(name, ""))
+    return float(match[2]) if match is not None and match[2] is not None else 0.0
+
+
 def _armed() -> dict[str, str]:
     global _parsed
     spec = os.environ.get(ENV_VAR, "")

@@ -28,7 +28,7 @@ from loraplex.engine.async_engine import AsyncEngine
 from loraplex.api.rate_limit import TenantRateLimiter
 from loraplex.registry.auth import load_api_keys
 from loraplex.registry.factory import build_registry
-from loraplex.training.files import FileStore
+from loraplex.training.files import FileQuota, FileStore
 from loraplex.training.job_store import build_job_store
 from loraplex.training.jobs import has_pending_jobs, reap_stale
 from loraplex.training.supervisor import LocalWorkerProcess
@@ -44,7 +44,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.engine = None  # set once the model is loaded and the engine loop runs
     app.state.registry = None  # needs the model's module shapes: built with the engine
     app.state.registry_runtime = None  # the registry's index guard (readiness), with the registry
-    app.state.file_store = FileStore(settings.data_dir, settings.max_file_bytes, settings.max_file_lines)
+    app.state.file_store = FileStore(settings.data_dir, settings.max_file_bytes, settings.max_file_lines,
+                                     FileQuota(settings.max_files_per_tenant, settings.max_file_bytes_per_tenant))
     app.state.job_store = None  # opened by the lifespan (Redis or the local job files)
     app.state.local_worker = None  # the embedded worker process, when settings.start_local_worker
     app.state.api_keys = load_api_keys(settings.api_keys, settings.api_keys_file)

@@ -1,4 +1,6 @@
-"""Graceful drain: after SIGTERM, refuse new work (readiness false, 503), let in-flight requests finish."""
+"""Graceful drain: after SIGTERM, refuse new work (readiness false, 503), let in-flight requests finish.
+Streams still open when the grace period ends are ended in-band (`grace_over`: an error event, then the
+stream's end frame) rather than cut mid-body."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +19,7 @@ class DrainState:
         self.num_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.grace_over = asyncio.Event()  # open streams end themselves when this is set
 
     def request_started(self) -> None:
         self.num_in_flight += 1
@@ -38,7 +41,8 @@ class DrainState:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
         except TimeoutError:
-            log.warning("drain grace period over", extra={"num_in_flight": self.num_in_flight})
+            log.warning("drain grace period over: ending open streams", extra={"num_in_flight": self.num_in_flight})
+            self.grace_over.set()
             return False
         log.info("drained", extra={"seconds": round(time.monotonic() - started, 3)})
         return True

@@ -1,7 +1,8 @@
 """Run the app under uvicorn with a graceful drain on SIGTERM.
 
 First SIGTERM: readiness turns false and new requests get 503 at once, in-flight requests (streams
-included) run to completion for up to `drain_grace_s`, then uvicorn shuts down and the process exits 0.
+included) run to completion for up to `drain_grace_s`; streams still open then get an error event and
+their end frame (`[DONE]`); then uvicorn shuts down and the process exits 0.
 A second signal (or SIGINT) skips the wait.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from fastapi import FastAPI
 from loraplex.config import Settings
 
 log = logging.getLogger(__name__)
+
+STREAM_END_S = 2.0  # after the grace period: time for open streams to send their error and end frames
 
 
 class DrainingServer(uvicorn.Server):
@@ -33,7 +36,8 @@ class DrainingServer(uvicorn.Server):
         loop.call_soon_threadsafe(lambda: loop.create_task(self._exit_when_drained(sig)))
 
     async def _exit_when_drained(self, sig: int) -> None:
-        await self.app.state.drain.wait_idle(self.grace_s)
+        if not await self.app.state.drain.wait_idle(self.grace_s):
+            await self.app.state.drain.wait_idle(STREAM_END_S)  # streams send their last frames and close
         # Not super().handle_exit: uvicorn would re-raise the captured SIGTERM after shutdown and the
         # process would die "killed by SIGTERM"; a completed drain is a clean exit (status 0).
         self.should_exit = True

@@ -68,7 +68,7 @@ class AdapterVersion:
     target_modules: tuple[str, ...]
     size_bytes: int  # config + weights
     created_at: int  # unix seconds
-    shared: bool  # usable by every tenant; the latest version's flag applies to all versions
+    shared: bool  # usable by every tenant; the latest version's flag applies to it and all older versions
     path: Path  # directory holding the two adapter files
 
     @property
@@ -246,8 +246,8 @@ class VersionedAdapterStore:
         if record is None:
             raise AdapterNotFound(requested)
         latest = record if version is None else self.index.get(tenant, name, None)
-        if latest is None:
-            return record  # only unpromoted versions so far
+        if latest is None or record.version > latest.version:
+            return record  # unpromoted: only its own flag, never the latest's (a fine-tune is not shared by inheritance)
         return replace(record, shared=latest.shared)  # sharing is per adapter: unsharing covers old versions
 
     def get_by_id(self, adapter_id: str) -> AdapterVersion:

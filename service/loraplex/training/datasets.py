@@ -5,14 +5,26 @@ A file holds one example per line, all of one form:
 - prompt/completion: `{"prompt": "...", "completion": "..."}`; the loss covers the completion + EOS.
 - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "...", "weight": 0|1}, ...]}`;
   the loss covers each assistant turn (content + end-of-turn) whose `weight` is not 0, as in OpenAI's
-  format. The conversation must end with an assistant turn.
+  format. The conversation must start with a system or user message, end with an assistant turn, and hold
+  at most `MAX_CHAT_MESSAGES` messages.
+
+Chat examples are tokenized in time linear in their length: the conversation is rendered and tokenized once,
+and the trained spans are found in the text from the template's assistant header and end-of-turn (learned
+from a probe conversation), then checked against the exact prefix renderings of the first and last assistant
+turns. A template that fails the check falls back to rendering every prefix (quadratic, but the message cap
+bounds it). Every line is at most `max_line_bytes` (256 KB), which also bounds its tokens (each token of a
+byte-level tokenizer covers at least one byte). `tokenize_dataset` polls `should_stop` between examples, so
+a cancel is honoured while the data is prepared.
 
 Validation reads every line and reports up to `MAX_REPORTED_PROBLEMS` problems with 1-based line
 numbers (0 for the file as a whole), so a user fixes a file in one round trip, not one line at a time.
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +39,13 @@ MAX_REPORTED_PROBLEMS = 20
 DEFAULT_MAX_BYTES = 64 << 20
 DEFAULT_MAX_LINES = 100_000
 DEFAULT_MAX_LINE_BYTES = 256 << 10
+MAX_CHAT_MESSAGES = 256
+_PROBE_USER = "Probe question?"
+_PROBE_ANSWER = "Probe answer."
+
+
+class PreparationStopped(Exception):
+    """`should_stop()` returned True while the data was being tokenized."""
 
 
 class DatasetError(ValueError):
@@ -186,9 +205,15 @@ def _parse_prompt_completion(obj: dict[str, Any]) -> PromptCompletion:
 def _parse_chat(messages: Any) -> ChatExample:
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise ValueError(f"{len(messages)} messages, more than the limit of {MAX_CHAT_MESSAGES} per example; "
+                         "split the conversation")
     parsed = tuple(_parse_message(i, message) for i, message in enumerate(messages))
     if parsed[-1].role != "assistant":
         raise ValueError("the last message must be from the assistant (it is what the model learns to write)")
+    if parsed[0].role == "assistant":
+        raise ValueError("the first message must be from the system or the user (there is nothing before "
+                         "the assistant's turn to answer)")
     if not any(m.role == "assistant" and m.weight for m in parsed):
         raise ValueError("no assistant message with weight 1: there is nothing to train on")
     return ChatExample(parsed)
@@ -229,10 +254,14 @@ def tokenize_example(tokenizer, example: Example, max_len: int) -> tuple[list[in
     return input_ids[:max_len], labels[:max_len]
 
 
-def tokenize_dataset(tokenizer, dataset: ParsedDataset, max_len: int) -> TokenizedDataset:
-    """Tokenize every example; one that truncation leaves with no trained token is dropped and counted."""
+def tokenize_dataset(tokenizer, dataset: ParsedDataset, max_len: int,
+                     should_stop: Callable[[], bool] | None = None) -> TokenizedDataset:
+    """Tokenize every example; one that truncation leaves with no trained token is dropped and counted.
+    PreparationStopped as soon as `should_stop()` says so (it is asked before every example)."""
     kept, num_truncated, num_dropped = [], 0, 0
     for example in dataset.examples:
+        if should_stop is not None and should_stop():
+            raise PreparationStopped()
         input_ids, labels = tokenize_example(tokenizer, example, max_len + 1)
         if len(input_ids) > max_len:
             num_truncated += 1
@@ -264,8 +293,74 @@ def _completion_ids(tokenizer, prompt_ids: list[int], example: PromptCompletion)
 
 
 def _tokenize_chat(tokenizer, example: ChatExample) -> tuple[list[int], list[int]]:
-    """Trained spans come from rendering prefixes: an assistant turn i starts where
-    template(messages[:i], add_generation_prompt=True) ends and stops where template(messages[:i+1]) ends."""
+    """An assistant turn i is trained from where template(messages[:i], add_generation_prompt=True) ends to
+    where template(messages[:i+1]) ends; found in one rendering when the template allows (see the module doc)."""
+    messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    text = _render_text(tokenizer, messages, add_generation_prompt=False)
+    spans = _assistant_spans(tokenizer, example.messages, messages, text)
+    if spans is None or not getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
+        return _tokenize_chat_by_prefixes(tokenizer, example)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids, token_starts = encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start_char, end_char in spans:
+        first, last = bisect.bisect_left(token_starts, start_char), bisect.bisect_left(token_starts, end_char)
+        if token_starts[first:first + 1] != [start_char] or token_starts[last:last + 1] not in ([end_char], []):
+            return _tokenize_chat_by_prefixes(tokenizer, example)  # a token spans a turn boundary: the exact way decides
+        labels[first:last] = input_ids[first:last]
+    return input_ids, labels
+
+
+def _assistant_spans(tokenizer, parsed: tuple[ChatMessage, ...], messages: list[dict[str, str]],
+                     text: str) -> list[tuple[int, int]] | None:
+    """Character spans of the trained assistant turns in `text`, or None if the template is not the common
+    `header + content + end-of-turn` kind (checked exactly on the first and last assistant turns)."""
+    markers = _turn_markers(tokenizer)
+    if markers is None:
+        return None
+    header, end_of_turn = markers
+    spans, cursor, checked = [], 0, {}
+    for i, message in enumerate(parsed):
+        if message.role != "assistant":
+            found = text.find(message.content, cursor)
+            if found < 0:
+                return None
+            cursor = found + len(message.content)
+            continue
+        found = text.find(header + message.content + end_of_turn, cursor)
+        if found < 0:
+            return None
+        start = found + len(header)
+        cursor = start + len(message.content) + len(end_of_turn)
+        checked.setdefault("first", (i, start, cursor))
+        checked["last"] = (i, start, cursor)
+        if message.weight:
+            spans.append((start, cursor))
+    for i, start, end in checked.values():  # two exact prefix renderings: O(length), not O(turns x length)
+        if _render_text(tokenizer, messages[:i], add_generation_prompt=True) != text[:start]:
+            return None
+        if _render_text(tokenizer, messages[:i + 1], add_generation_prompt=False) != text[:end]:
+            return None
+    return spans
+
+
+@functools.lru_cache(maxsize=8)
+def _turn_markers(tokenizer) -> tuple[str, str] | None:
+    """(assistant header, end of turn) as the template writes them, learned from a probe conversation."""
+    user = [{"role": "user", "content": _PROBE_USER}]
+    try:
+        before = _render_text(tokenizer, user, add_generation_prompt=False)
+        prompted = _render_text(tokenizer, user, add_generation_prompt=True)
+        answered = _render_text(tokenizer, [*user, {"role": "assistant", "content": _PROBE_ANSWER}], False)
+    except Exception:  # a template that refuses the probe: use the exact way
+        return None
+    if not (prompted.startswith(before) and answered.startswith(prompted + _PROBE_ANSWER)):
+        return None
+    return prompted[len(before):], answered[len(prompted) + len(_PROBE_ANSWER):]
+
+
+def _tokenize_chat_by_prefixes(tokenizer, example: ChatExample) -> tuple[list[int], list[int]]:
+    """The exact way for any template: render every prefix (quadratic in turns; MAX_CHAT_MESSAGES bounds it)."""
     messages = [{"role": m.role, "content": m.content} for m in example.messages]
     input_ids = _render_ids(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -289,6 +384,12 @@ def _prefix_len(tokenizer, messages: list[dict[str, str]], full_ids: list[int], 
 def _render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
     if not messages and not add_generation_prompt:
         return []
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = _render_text(tokenizer, messages, add_generation_prompt)
     # The template writes BOS itself; apply_chat_template(tokenize=True) also adds no special tokens.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _render_text(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    if not messages and not add_generation_prompt:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -9,6 +9,7 @@ data volume the adapters use, so every replica and worker that sees the adapters
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loraplex.registry.adapter_config import RegistryError
+from loraplex.registry.errors import QuotaExceeded
 from loraplex.registry.versioned_store import is_id_part
 from loraplex.training.datasets import ParsedDataset, validate_jsonl
 
@@ -51,21 +53,48 @@ class FileRecord:
     order: int = 0  # creation time in ns: newest-first listing
 
 
+@dataclass(frozen=True)
+class FileQuota:
+    max_files: int = 100
+    max_bytes: int = 1 << 30
+
+
 class FileStore:
-    def __init__(self, data_dir: Path, max_bytes: int, max_lines: int):
+    def __init__(self, data_dir: Path, max_bytes: int, max_lines: int, quota: FileQuota = FileQuota()):
         self.root = Path(data_dir) / ".files"
-        self.max_bytes, self.max_lines = max_bytes, max_lines
+        self.max_bytes, self.max_lines, self.quota = max_bytes, max_lines, quota
 
     def create(self, tenant: str, filename: str, purpose: str, data: bytes) -> FileRecord:
-        """Validate (DatasetError lists line-numbered problems), then store bytes and record."""
+        """Validate (DatasetError lists line-numbered problems), check the tenant's quota (QuotaExceeded),
+        then store bytes and record, under the tenant's lock (two uploads cannot both take the last room)."""
         parsed = validate_jsonl(data, max_bytes=self.max_bytes, max_lines=self.max_lines)
+        directory = self._tenant_dir(tenant)
+        directory.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(directory, os.O_RDONLY)  # flock on the tenant's directory: no lock file to leave behind
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            self._check_quota(tenant, len(data))
+            return self._store(tenant, filename, purpose, data, parsed)
+        finally:
+            os.close(lock_fd)  # releases the lock
+
+    def _check_quota(self, tenant: str, num_new_bytes: int) -> None:
+        records = self.list(tenant)
+        if len(records) + 1 > self.quota.max_files:
+            raise QuotaExceeded(f"tenant {tenant!r} already has {len(records)} training files (quota "
+                                f"{self.quota.max_files}); delete some first")
+        num_bytes = sum(r.bytes for r in records)
+        if num_bytes + num_new_bytes > self.quota.max_bytes:
+            raise QuotaExceeded(f"tenant {tenant!r} would store {num_bytes + num_new_bytes} bytes of training files "
+                                f"(quota {self.quota.max_bytes}); delete some first")
+
+    def _store(self, tenant: str, filename: str, purpose: str, data: bytes, parsed: ParsedDataset) -> FileRecord:
         record = FileRecord(
             id=f"file-{uuid.uuid4().hex[:24]}", tenant=tenant, filename=_safe_filename(filename), purpose=purpose,
             bytes=len(data), created_at=int(time.time()), num_examples=len(parsed), format=parsed.format,
             order=time.time_ns(),
         )
         directory = self._tenant_dir(tenant)
-        directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(directory / f"{record.id}.jsonl", data)
         try:
             _write_atomically(directory / f"{record.id}.json", json.dumps(asdict(record)).encode())

@@ -12,7 +12,8 @@ def build_job_store(settings) -> JobStore:
     if settings.redis_url:
         from loraplex.training.redis_jobs import RedisJobStore
 
-        return RedisJobStore(settings.redis_url, settings.redis_namespace)
+        return RedisJobStore(settings.redis_url, settings.redis_namespace,
+                             max_finished_per_tenant=settings.max_finished_jobs_per_tenant)
     from loraplex.training.local_jobs import LocalJobStore
 
-    return LocalJobStore(settings.data_dir)
+    return LocalJobStore(settings.data_dir, max_finished_per_tenant=settings.max_finished_jobs_per_tenant)

@@ -89,6 +89,15 @@ class JobRecord:
         return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
 
 
+DEFAULT_MAX_FINISHED_PER_TENANT = 100
+
+
+def finished_beyond(jobs: list[JobRecord], keep: int) -> list[JobRecord]:
+    """The finished jobs past the newest `keep` of them (retention: what a store deletes on create)."""
+    finished = sorted((j for j in jobs if j.status in TERMINAL), key=lambda j: j.order, reverse=True)
+    return finished[keep:]
+
+
 def new_job_id() -> str:
     return f"ftjob-{uuid.uuid4().hex[:24]}"
 

@@ -23,28 +23,36 @@ from typing import Any
 
 from loraplex.failpoints import failpoint
 from loraplex.training.jobs import (
-    ACTIVE, CLAIMED, QUEUED, VALIDATING_FILES, JobNotFound, JobRecord, TooManyJobs, is_job_id,
+    ACTIVE, CLAIMED, DEFAULT_MAX_FINISHED_PER_TENANT, QUEUED, VALIDATING_FILES, JobNotFound, JobRecord, TooManyJobs,
+    finished_beyond, is_job_id,
 )
 
 log = logging.getLogger(__name__)
 
 
 class LocalJobStore:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, max_finished_per_tenant: int = DEFAULT_MAX_FINISHED_PER_TENANT):
         self.root = Path(data_dir) / ".jobs"
+        self.max_finished_per_tenant = max_finished_per_tenant
         for sub in ("jobs", "events", "queue"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._thread_lock = threading.Lock()  # flock excludes processes, not threads sharing one fd
         self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
 
     def create(self, job: JobRecord, max_active_per_tenant: int) -> JobRecord:
+        """Also deletes the tenant's finished jobs beyond `max_finished_per_tenant` (oldest first), so the
+        records every listing and scan reads stay bounded."""
         with self._locked():
-            num_active = sum(1 for j in self._all() if j.tenant == job.tenant and j.status in ACTIVE)
+            tenant_jobs = [j for j in self._all() if j.tenant == job.tenant]
+            num_active = sum(1 for j in tenant_jobs if j.status in ACTIVE)
             if num_active >= max_active_per_tenant:
                 raise TooManyJobs(f"tenant {job.tenant} already has {num_active} active fine-tuning jobs "
                                   f"(limit {max_active_per_tenant}); wait for one to finish or cancel one")
             self._write(job)
             (self.root / "queue" / f"{job.order:020d}-{job.id}").touch()
+            for old in finished_beyond(tenant_jobs, self.max_finished_per_tenant):
+                (self.root / "jobs" / f"{old.id}.json").unlink(missing_ok=True)
+                (self.root / "events" / f"{old.id}.jsonl").unlink(missing_ok=True)
         return job
 
     def get(self, job_id: str) -> JobRecord:

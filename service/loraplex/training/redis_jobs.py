@@ -9,7 +9,8 @@ from dataclasses import replace
 from typing import Any
 
 from loraplex.training.jobs import (
-    CLAIMED, QUEUED, TERMINAL, VALIDATING_FILES, JobNotFound, JobRecord, JobStoreUnavailable, TooManyJobs, is_job_id,
+    CLAIMED, DEFAULT_MAX_FINISHED_PER_TENANT, QUEUED, TERMINAL, VALIDATING_FILES, JobNotFound, JobRecord,
+    JobStoreUnavailable, TooManyJobs, finished_beyond, is_job_id,
 )
 
 # KEYS: queue, processing, heartbeats. ARGV: now. Move the oldest queued id to `processing` and stamp it
@@ -46,7 +47,8 @@ class RedisJobStore:
     Short socket timeouts: a Redis failure is a 503 after about a second, not a hung request.
     """
 
-    def __init__(self, redis_url: str, namespace: str = "loraplex", timeout_s: float = 1.0):
+    def __init__(self, redis_url: str, namespace: str = "loraplex", timeout_s: float = 1.0,
+                 max_finished_per_tenant: int = DEFAULT_MAX_FINISHED_PER_TENANT):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -58,6 +60,7 @@ class RedisJobStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
         self.ns = namespace
+        self.max_finished_per_tenant = max_finished_per_tenant
         self._claim = self._redis.register_script(_CLAIM)
         self._create = self._redis.register_script(_CREATE)
 
@@ -68,7 +71,19 @@ class RedisJobStore:
         if not created:
             raise TooManyJobs(f"tenant {job.tenant} already has {max_active_per_tenant} active fine-tuning jobs "
                               f"(the limit); wait for one to finish or cancel one")
+        self._forget_old_finished(job.tenant)
         return job
+
+    def _forget_old_finished(self, tenant: str) -> None:
+        """Retention: the tenant's finished jobs beyond `max_finished_per_tenant` go, record and events."""
+        old = [j.id for j in finished_beyond(self.list(tenant), self.max_finished_per_tenant)]
+        if old:
+            with self._errors("forget old jobs"):
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.delete(*[self._job(i) for i in old], *[f"{self.ns}:ftjob-events:{i}" for i in old])
+                pipe.zrem(f"{self.ns}:ftjobs", *old)
+                pipe.zrem(f"{self.ns}:ftjobs:{tenant}", *old)
+                pipe.execute()
 
     def get(self, job_id: str) -> JobRecord:
         if not is_job_id(job_id):

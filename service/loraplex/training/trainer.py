@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from loraplex.fsutil import staging_dir
-from loraplex.training.datasets import PREFERENCE, DatasetError, ParsedDataset, TokenizedDataset, tokenize_dataset
+from loraplex.training.datasets import (
+    PREFERENCE, DatasetError, ParsedDataset, PreparationStopped, TokenizedDataset, tokenize_dataset,
+)
 from loraplex.training.evaluation import split_held_out
 from loraplex.training.hyperparams import MAX_LORA_R, Hyperparameters, ResolvedHyperparameters
 from loraplex.training.measurements import Measurements, measure, parent_loss
@@ -124,8 +126,11 @@ def train_lora(
     hp_resolved = hp.resolve(len(dataset), max_lora_rank or MAX_LORA_R, num_layers, continuation.replay is not None)
     if continuation.init_adapter is not None:
         hp_resolved = inherit_shape(hp_resolved, continuation.init_adapter)
-    objective, data_stats = _objective(dataset, validation, continuation.replay, tokenizer, hp_resolved, pad_id,
-                                       torch_device, model_max_len)
+    try:  # a cancel is honoured while the data is tokenized too
+        objective, data_stats = _objective(dataset, validation, continuation.replay, tokenizer, hp_resolved, pad_id,
+                                           torch_device, model_max_len, should_stop)
+    except PreparationStopped:
+        raise TrainingCancelled(0) from None
     if not data_stats["has_validation"]:
         source = "none"
     with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
@@ -170,7 +175,7 @@ def inherit_shape(hp: ResolvedHyperparameters, adapter_dir: Path) -> ResolvedHyp
                    layers_to_transform=tuple(layers) if layers is not None else None)
 
 
-def _objective(dataset, validation, replay, tokenizer, hp, pad_id, device, max_len):
+def _objective(dataset, validation, replay, tokenizer, hp, pad_id, device, max_len, should_stop=None):
     """The run's objective and what tokenizing its data found."""
     if dataset.format == PREFERENCE:
         from loraplex.training.dpo import DpoObjective, tokenize_pairs
@@ -180,8 +185,8 @@ def _objective(dataset, validation, replay, tokenizer, hp, pad_id, device, max_l
         objective = DpoObjective(tokenize_pairs(tokenizer, dataset, max_len), valid, replay_pairs, hp, pad_id, device)
         stats = {"num_truncated": 0, "num_dropped": 0, "num_valid": len(valid or ())}
     else:
-        train = _tokenize_or_refuse(tokenizer, dataset, max_len)
-        valid = tokenize_dataset(tokenizer, validation, max_len) if validation is not None else None
+        train = _tokenize_or_refuse(tokenizer, dataset, max_len, should_stop)
+        valid = tokenize_dataset(tokenizer, validation, max_len, should_stop) if validation is not None else None
         valid = valid if valid is not None and valid.examples else None
         replay_set = tokenize_dataset(tokenizer, replay, max_len) if replay is not None else None
         objective = SupervisedObjective(train, valid, replay_set, hp, pad_id, device)
@@ -204,8 +209,8 @@ def _pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _tokenize_or_refuse(tokenizer, dataset: ParsedDataset, max_len: int) -> TokenizedDataset:
-    tokenized = tokenize_dataset(tokenizer, dataset, max_len)
+def _tokenize_or_refuse(tokenizer, dataset: ParsedDataset, max_len: int, should_stop=None) -> TokenizedDataset:
+    tokenized = tokenize_dataset(tokenizer, dataset, max_len, should_stop)
     if not tokenized.examples:
         raise DatasetError([(0, f"every example loses all trained tokens when cut to {max_len} tokens")])
     if tokenized.num_dropped:

@@ -66,7 +66,7 @@ async def generate_stream(body: GenerateRequest, ctx: GenerationContext) -> SSER
     if body.parameters.decoder_input_details:
         raise InvalidParameter("decoder_input_details cannot be streamed.", param="parameters.decoder_input_details")
     prepared = await prepare(body, ctx)
-    return SSEResponse(_stream(prepared, await generation.start(ctx, prepared), ctx))
+    return SSEResponse(_stream(prepared, await generation.start(ctx, prepared), ctx), end_frame=None, error_prefix="data:")
 
 
 async def prepare(body: GenerateRequest, ctx: GenerationContext) -> PreparedRequest:
