@@ -71,7 +71,7 @@ class Cluster:
 
     def wait_ready(self) -> None:
         for server in (self.a, self.b):
-            server.wait_ready()
+            server.wait_ready(timeout_s=300)  # two model loads at once on a busy 2-core machine
 
     def stop(self) -> None:
         for server in (self.a, self.b):

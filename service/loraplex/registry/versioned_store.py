@@ -302,7 +302,7 @@ class VersionedAdapterStore:
         new_dirs = [d for d in (adapter_dir.parent, adapter_dir) if not d.exists()]
         adapter_dir.mkdir(parents=True, exist_ok=True)
         try:
-            if published_mark(adapter_dir) is None and not _version_dirs(adapter_dir):
+            if adapter_dir in new_dirs:
                 _write_atomically(adapter_dir / NEWEST_FILE, b"0\n")  # a new adapter: every later dir is judged
             self._move_and_publish(staging, record, promote)
         except BaseException:
