@@ -165,3 +165,18 @@ def test_admin_actions_from_the_keyboard(console_server, console_browser, adapte
     assert httpx.get(f"{console_server.url}/v1/adapters/acme/keyed", headers=auth("admin")).status_code == 404
     rec.assert_local_only()
     close(rec)
+
+
+def test_cancel_a_job_from_the_keyboard(console_server, console_browser) -> None:
+    """The job page's cancel button, pressed with Enter, cancels the job (queued or running)."""
+    upload = httpx.post(f"{console_server.url}/v1/files", data={"purpose": "fine-tune"}, headers=auth("acme"),
+                        files={"file": ("long.jsonl", b'{"prompt": "Q", "completion": " A"}\n' * 40)}).json()
+    job = httpx.post(f"{console_server.url}/v1/fine_tuning/jobs", headers=auth("acme"), json={
+        "model": "demo", "training_file": upload["id"], "hyperparameters": {"n_epochs": 50, "batch_size": 1}}).json()
+    rec = open_console(console_browser, console_server.url, KEYS["acme"], f"jobs/{job['id']}")
+    rec.page.focus("#cancel-job")
+    rec.page.keyboard.press("Enter")
+    rec.page.wait_for_function("() => document.getElementById('job-status')?.textContent === 'cancelled'", timeout=60_000)
+    assert httpx.get(f"{console_server.url}/v1/fine_tuning/jobs/{job['id']}", headers=auth("acme")).json()["status"] == "cancelled"
+    assert rec.page.locator("#cancel-job").count() == 0
+    close(rec)
