@@ -398,7 +398,7 @@ def test_a_killed_worker_fails_its_job_instead_of_leaving_it_running(tmp_path, e
         job = create_job(c, "acme", upload(c, "acme", LONG), SLOW_HP).json()
         worker = subprocess.Popen([sys.executable, "-m", "loraplex", "worker"], env=env)
         try:
-            wait_for(c, "acme", job["id"], ("running",), timeout_s=40)
+            wait_for(c, "acme", job["id"], ("running",), timeout_s=90)  # a worker starting on a loaded box
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait()
             killed_at = time.monotonic()

@@ -14,7 +14,7 @@ from tests.worker_jobs import WorkerJobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 EXAMPLES = Path(__file__).resolve().parents[1] / "adapters" / "examples"
-PARENT_HP = {"n_epochs": 4, "batch_size": 8, "learning_rate_multiplier": 10, "lora_r": 8}
+PARENT_HP = {"n_epochs": 4, "batch_size": 8, "learning_rate_multiplier": 10, "lora_r": 4}  # the child's default is 8
 CHILD_HP = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 10}
 
 
@@ -45,6 +45,7 @@ def test_a_child_starts_from_its_parent_learns_new_data_and_replay_reduces_forge
         parent_config = json.loads((jobs.registry.get("acme", "kw", 1).path / "adapter_config.json").read_text())
         child_config = json.loads((jobs.registry.get("acme", "kw", 2).path / "adapter_config.json").read_text())
         assert (child_config["r"], sorted(child_config["target_modules"])) == (parent_config["r"], sorted(parent_config["target_modules"]))
+        assert plain.resolved_hyperparameters["lora_r"] == 4  # the job reports the shape it trained with
 
         replayed = jobs.run(new_train, {**CHILD_HP, "replay_fraction": 0.5}, validation_file=new_valid,
                             parent_model="acme/kw@1", seed=1)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from loraplex.config import Settings
-from loraplex.registry.auth import Principal
+from loraplex.registry.auth import Principal, can_use
 from loraplex.registry.local_store import AdapterNotFound
 from loraplex.registry.service import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.registry.versioned_store import AdapterVersion
@@ -39,7 +39,7 @@ from loraplex.training.job_inputs import adapter_name, load_inputs
 from loraplex.training.promotion import evaluate_result
 from loraplex.training.store_retry import STORE_ERRORS, EventBuffer, retry_store
 from loraplex.training.supervisor import PARENT_PID_ENV
-from loraplex.training.trainer import Continuation, TrainingCancelled, train_lora  # cancelled: user, reaper, shutdown
+from loraplex.training.trainer import Continuation, TrainingCancelled, inherit_shape, train_lora  # cancelled: user, reaper, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,14 @@ class Worker:
         progress.send(make_event(f"Validating training file: {job.training_file}"))
         hp = Hyperparameters.from_request(job.hyperparameters, job.seed, self.settings.max_train_steps)
         parent = self._lookup(job.parent_model) if job.parent_model else None
-        if job.parent_model and parent is None:
-            raise HyperparameterError("model", f"{job.parent_model} was deleted after the job was created")
+        if job.parent_model and (parent is None or not can_use(Principal(tenant=job.tenant, is_admin=False), parent)):
+            raise HyperparameterError("model", f"{job.parent_model} was deleted or unshared after the job was created")
         inputs = load_inputs(job, self.files, self.store, hp, parent.path if parent else None)
         incumbent = self._lookup(f"{job.tenant}/{adapter_name(job)}")
         resolved = hp.resolve(len(inputs.train), self.settings.max_lora_rank, _num_layers(self.model_dir),
                               has_replay=inputs.replay is not None)
+        if parent is not None:
+            resolved = inherit_shape(resolved, parent.path)  # what train_lora will run with
         if retry_store(lambda: self.store.update(job.id, expect=CLAIMED, status=RUNNING, num_steps=resolved.num_steps,
                                                  resolved_hyperparameters=resolved.to_dict()), "start the job") is None:
             raise TrainingCancelled(0)  # cancelled or reaped meanwhile
