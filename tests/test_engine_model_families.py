@@ -3,6 +3,7 @@ for tiny random models built from their configs: base and adapters alone, mixed 
 one adapter merged into the base weights."""
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -115,3 +116,23 @@ def test_unsupported_architectures_and_rope_types_are_refused(tmp_path):
         family_spec(config)
     with pytest.raises(EngineError, match="rope type 'dynamic' is not supported"):
         inverse_frequencies({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, 16)
+
+
+@pytest.mark.slow  # about a minute per family on 2 cores: make test-slow
+def test_trained_adapter_serves_like_peft(family_setup, tmp_path):
+    """What a fine-tuning job runs (train_lora, peft on the HF model) works on the family, and its adapter
+    serves with the same tokens as peft."""
+    from loraplex.training.datasets import validate_jsonl
+    from loraplex.training.hyperparams import Hyperparameters
+    from loraplex.training.trainer import train_lora
+
+    model_dir, _, prompts, refs = family_setup
+    rows = "\n".join(json.dumps({"prompt": f"Q{i}: what color?", "completion": " zebra zebra"}) for i in range(12))
+    hp = Hyperparameters(n_epochs=2, batch_size=4, lora_r=4, learning_rate_multiplier=10, seed=5)
+    out = tmp_path / "acme" / "trained"
+    train_lora(model_dir, validate_jsonl(rows.encode()), hp, out, validation=validate_jsonl(rows.encode()), device="cpu")
+    expected = peft_reference(model_dir, out, prompts, NUM_NEW)
+    assert expected != refs[None]
+    engine = build_llm_engine(model_dir, max_loras=1, max_lora_rank=8, max_model_len=64)
+    tokens = run_to_completion(engine, {f"r{i}": (p, greedy(NUM_NEW), lora(out)) for i, p in enumerate(prompts)})
+    assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
