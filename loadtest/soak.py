@@ -178,11 +178,11 @@ class PhaseStats:
 
     @property
     def num_5xx(self) -> int:
-        return sum(n for status, n in self.statuses.items() if status >= 500)
+        return sum(n for status, n in self.statuses.items() if isinstance(status, int) and status >= 500)
 
     def to_json(self) -> dict:
         return {"requests": self.num_requests, "seconds": round(self.seconds, 1),
-                "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+                "statuses": {str(k): v for k, v in sorted(self.statuses.items(), key=lambda item: str(item[0]))},
                 "num_5xx": self.num_5xx, "failures": self.failures}
 
 
