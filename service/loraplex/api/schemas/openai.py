@@ -27,6 +27,18 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
 MAX_LOGIT_BIAS = 300  # entries
 MAX_CHOICES = 256  # guided_choice strings
+MAX_CHAT_MESSAGES = 2048  # per request; each one costs template text even when empty
+MAX_CONTENT_PARTS = 256  # text parts per message
+
+
+def at_most(max_items: int, what: str):
+    """A list-length check that runs before the items are validated: pydantic's `max_length` counts only
+    after validating every item, which for 120,000 messages is seconds of event-loop time."""
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) > max_items:
+            raise ValueError(f"at most {max_items} {what} are allowed, got {len(value)}")
+        return value
+    return check
 
 
 def require_unicode(value: Any) -> Any:
@@ -133,6 +145,7 @@ class ChatMessage(_Request):
     tool_call_id: str | None = Field(None, max_length=256, description="Tool messages only.")
 
     _content_is_unicode = field_validator("content")(require_unicode)
+    _content_parts_bounded = field_validator("content", mode="before")(at_most(MAX_CONTENT_PARTS, "content parts"))
 
     @property
     def text(self) -> str:
@@ -142,7 +155,9 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
+
+    _messages_bounded = field_validator("messages", mode="before")(at_most(MAX_CHAT_MESSAGES, "messages"))
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -62,7 +62,8 @@ async def prepare(body: ChatCompletionRequest, ctx: GenerationContext, tools: To
     lora = await resolve_model(ctx, body.model)
     messages = [_template_message(m) for m in body.messages]
     check_prompt_chars(sum(len(m["content"]) for m in messages), ctx.settings.max_prompt_chars, "messages")
-    prompt_ids = await ctx.tokenize(encode_chat, ctx.engine.tokenizer, messages, tools.template_tools())
+    prompt_ids = await ctx.tokenize(encode_chat, ctx.engine.tokenizer, messages, tools.template_tools(),
+                                    ctx.settings.max_prompt_chars)
     guide, guide_param = _guide(body, tools)
     await compile_guide(ctx, guide, guide_param)
     if body.top_logprobs is not None and not body.logprobs:

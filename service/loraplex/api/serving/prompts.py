@@ -47,16 +47,21 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def encode_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-    """Messages (and the tools, for templates that describe them to the model) -> prompt token ids."""
+def encode_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                max_chars: int | None = None) -> list[int]:
+    """Messages (and the tools, for templates that describe them to the model) -> prompt token ids.
+    The rendered prompt is measured before it is tokenized: the template adds text per message, so a
+    request within the content limit can still render far past it (120,000 empty messages: 480k tokens)."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidParameter("This model has no chat template; use /v1/completions.", param="messages")
     try:
-        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
-                                            return_dict=False)  # transformers 5 returns a BatchEncoding by default
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     except TemplateError as exc:
         raise InvalidParameter(f"messages do not fit the chat template: {exc}", param="messages") from None
-    return list(ids)
+    if max_chars is not None and len(text) > max_chars:
+        raise InvalidParameter(f"The rendered chat prompt is {len(text)} characters long; the limit is {max_chars}.",
+                               param="messages")
+    return list(tokenizer.encode(text, add_special_tokens=False))  # the template writes the special tokens
 
 
 def check_prompt_chars(num_chars: int, max_chars: int, param: str) -> None:
