@@ -5,9 +5,12 @@ import { el, field, replace, showError } from "./dom.js";
 
 export async function render(main) {
   const models = (await get("/v1/models")).data.map((m) => m.id);
-  const pick = (id, index) => el("select", { id }, models.map((m, i) => el("option", { value: m, selected: i === index }, m)));
+  // A model id typed or picked: the base, an adapter, or one version of it (`<tenant>/<name>@<n>`).
+  const choices = el("datalist", { id: "model-choices" }, models.map((m) => el("option", { value: m })));
+  const pick = (id, index) => el("input", { id, list: "model-choices", autocomplete: "off", spellcheck: "false",
+    value: models[Math.min(index, models.length - 1)] });
   const left = pick("model-a", 0);
-  const right = pick("model-b", Math.min(1, models.length - 1));
+  const right = pick("model-b", 1);
   const prompt = el("textarea", { rows: 4, cols: 60 }, "Review: The staff were friendly.\nSentiment:");
   const temperature = el("input", { type: "number", step: "any", value: "0" });
   const maxTokens = el("input", { type: "number", step: 1, value: "16" });
@@ -34,7 +37,7 @@ export async function render(main) {
   for (const control of [left, right, prompt, temperature, maxTokens]) control.addEventListener("change", showSnippets);
   const column = (select, output, label) => el("section", { "aria-label": label },
     el("label", { for: select.id }, label), " ", select, el("h2", {}, "Completion"), output);
-  replace(main, el("h1", {}, "Playground"), form,
+  replace(main, el("h1", {}, "Playground"), choices, form,
     el("div", { class: "side-by-side" }, column(left, outputs[0], "Left model"), column(right, outputs[1], "Right model")),
     snippets);
   showSnippets();
