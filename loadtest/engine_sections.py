@@ -56,7 +56,7 @@ def wait_merged(engine: LLMEngine, key: str | None, timeout_s: float = 120) -> N
 
 def merge_section(built: BuiltWorkload, rt: Runtime, prompts: list[list[int]], repeats: int = 3) -> dict:
     wl = built.workload
-    engine = build_engine(built, rt, max_loras=16, max_batch_size=wl.num_requests)
+    engine = build_engine(built, rt, max_loras=16, max_num_seqs=wl.num_requests)
     hot = lora_for(built, 0)
     single = [(prompts[0][:16], None)]
     latency: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
@@ -125,7 +125,7 @@ def _switch_times(engine: LLMEngine, lora: LoraRequest, cycles: int = 5) -> dict
 def cold_load_section(built: BuiltWorkload, rt: Runtime, prompts: list[list[int]]) -> dict:
     """Storage -> device load latency while 8 base requests decode; step time with and without loads."""
     wl = built.workload
-    engine = build_engine(built, rt, max_loras=4, max_cpu_loras=0, max_batch_size=16)
+    engine = build_engine(built, rt, max_loras=4, max_cpu_loras=0, max_num_seqs=16)
     load_s: list[float] = []
     engine.on_adapter_loaded = lambda key, seconds: load_s.append(seconds)
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)

@@ -25,7 +25,7 @@ class ServerConfig:
     dtype: str  # "float32" / "bfloat16"
     max_loras: int = 16
     max_lora_rank: int = 8
-    max_batch_size: int = 32
+    max_num_seqs: int = 32
     max_model_len: int = 256
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -34,7 +34,7 @@ class ServerConfig:
             "model": self.model_dir, "served_model_name": BASE_MODEL_NAME, "data_dir": self.data_dir,
             "device": self.device, "dtype": self.dtype, "port": port, "host": "127.0.0.1",
             "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank,
-            "max_batch_size": self.max_batch_size, "max_model_len": self.max_model_len, "log_level": "warning",
+            "max_num_seqs": self.max_num_seqs, "max_model_len": self.max_model_len, "log_level": "warning",
         }
         return {**serve_env(settings), **self.extra_env}
 

@@ -24,7 +24,7 @@ def server_config(built: BuiltWorkload, rt: Runtime) -> ServerConfig:
     wl = built.workload
     return ServerConfig(
         model_dir=built.model_dir, data_dir=built.data_dir, device=rt.device.type, dtype=rt.dtype_name,
-        max_loras=max(16, wl.num_adapters), max_lora_rank=wl.lora_rank, max_batch_size=wl.num_requests,
+        max_loras=max(16, wl.num_adapters), max_lora_rank=wl.lora_rank, max_num_seqs=wl.num_requests,
         max_model_len=max(256, wl.prompt_len + wl.new_tokens),
     )
 

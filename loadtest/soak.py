@@ -45,7 +45,7 @@ KEYS = {"acme": "soak-acme", "globex": "soak-globex", "admin": "soak-admin"}
 STABLE_ADAPTERS = {"acme": ("steady-0", "steady-1"), "globex": ("steady-0", "steady-1")}
 TRAIN_LINES = b"".join(b'{"prompt": "Q%d: colour?", "completion": " blue"}\n' % i for i in range(8))
 SERVER_SETTINGS = {
-    "model": "demo", "device": "cpu", "dtype": "float32", "max_model_len": 256, "max_batch_size": 8,
+    "model": "demo", "device": "cpu", "dtype": "float32", "max_model_len": 256, "max_num_seqs": 8,
     "max_loras": 4, "max_cpu_loras": 8, "max_lora_rank": 8, "start_local_worker": "false", "log_level": "warning",
     "api_keys": f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", "admin_key": KEYS["admin"],
     "max_adapters_per_tenant": 10_000, "max_jobs_per_tenant": 4,

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = ensure_demo_model(Path(tmp))
         config = ServerConfig(model_dir=model_dir, data_dir=Path(tmp) / "adapters", device=args.device,
-                              dtype="float32", max_batch_size=max(32, args.requests), max_model_len=256)
+                              dtype="float32", max_num_seqs=max(32, args.requests), max_model_len=256)
         with Server(config, Path(tmp) / "server.log") as server:
             asyncio.run(burst(server.url, bodies("half_constrained", 4, 4)))  # warm-up (+ grammar compile)
             results = measure(server.url, args)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(data_dir, ignore_errors=True)
     config = ServerConfig(
         model_dir=model_dir, data_dir=data_dir, device=rt.device.type, dtype=rt.dtype_name, max_loras=args.max_loras,
-        max_lora_rank=max(16, mix.lora_rank), max_batch_size=32, max_model_len=512,
+        max_lora_rank=max(16, mix.lora_rank), max_num_seqs=32, max_model_len=512,
         extra_env={"LORAPLEX_SERVED_MODEL_NAME": BASE_MODEL, "LORAPLEX_START_LOCAL_WORKER": "false",
                    "LORAPLEX_API_KEYS": _keys_setting(mix), "LORAPLEX_ADMIN_KEY": mix.admin_key},
     )

@@ -118,5 +118,5 @@ def _ms_triple(pcts: dict | None) -> str:
 
 def _server_line(server: dict) -> str:
     env = server.get("env", {})
-    fields = ("LORAPLEX_MAX_LORAS", "LORAPLEX_MAX_BATCH_SIZE", "LORAPLEX_MAX_MODEL_LEN")
+    fields = ("LORAPLEX_MAX_LORAS", "LORAPLEX_MAX_NUM_SEQS", "LORAPLEX_MAX_MODEL_LEN")
     return ", ".join(f"{k.removeprefix('LORAPLEX_').lower()}={env[k]}" for k in fields if k in env) or "-"

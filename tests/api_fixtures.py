@@ -36,7 +36,7 @@ def api_settings(tmp_path_factory) -> Settings:
         device="cpu",
         dtype="float32",
         max_model_len=MAX_MODEL_LEN,
-        max_batch_size=8,
+        max_num_seqs=8,
         max_loras=2,
         max_lora_rank=16,
         max_stop_sequences=MAX_STOP_SEQUENCES,

@@ -33,7 +33,7 @@ def console_server(tmp_path_factory, demo_model_dir):
     server = ServerProcess(
         data_dir, data_dir / "server.log", model=str(demo_model_dir), served_model_name="demo", device="cpu",
         dtype="float32", api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
-        max_lora_rank=8, max_model_len=256, max_batch_size=8, max_file_bytes=MAX_FILE_BYTES, train_threads=1,
+        max_lora_rank=8, max_model_len=256, max_num_seqs=8, max_file_bytes=MAX_FILE_BYTES, train_threads=1,
         worker_heartbeat_s=0.5, log_level="warning", log_format="text",
     )
     try:

@@ -26,7 +26,7 @@ def auth(who: str) -> dict[str, str]:
 def tenant_settings(tmp_path_factory) -> Settings:
     return Settings(
         model="demo", data_dir=tmp_path_factory.mktemp("tenant-data"), device="cpu", dtype="float32",
-        max_model_len=512, max_batch_size=8, max_loras=2, max_lora_rank=8, max_adapter_bytes=2_000_000,
+        max_model_len=512, max_num_seqs=8, max_loras=2, max_lora_rank=8, max_adapter_bytes=2_000_000,
         api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
     )
 

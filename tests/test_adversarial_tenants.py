@@ -40,7 +40,7 @@ def tenant_settings(tmp_path_factory) -> Settings:
     """tenant_fixtures' settings, with no worker: jobs stay as this suite puts them."""
     return Settings(
         model="demo", data_dir=tmp_path_factory.mktemp("adversarial-data"), device="cpu", dtype="float32",
-        max_model_len=256, max_batch_size=8, max_loras=2, max_lora_rank=8, max_adapter_bytes=2_000_000,
+        max_model_len=256, max_num_seqs=8, max_loras=2, max_lora_rank=8, max_adapter_bytes=2_000_000,
         api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
         start_local_worker=False, max_jobs_per_tenant=5, log_level="warning",
     )

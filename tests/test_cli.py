@@ -33,7 +33,7 @@ def squash(text: str) -> str:
 def test_flags_become_typed_settings():
     settings = parse("serve", "--max-loras", "4", "--device", "cpu", "--data-dir", "/tmp/x", "--port", "9001")
     assert (settings.max_loras, settings.device, settings.data_dir, settings.port) == (4, "cpu", Path("/tmp/x"), 9001)
-    assert settings.max_batch_size == Settings.model_fields["max_batch_size"].default
+    assert settings.max_num_seqs == Settings.model_fields["max_num_seqs"].default
 
 
 def test_flags_before_the_command_count_too():
@@ -88,10 +88,10 @@ def test_bad_input_exits_2_with_a_message(argv, message, capsys):
 
 
 def test_bad_env_value_names_the_variable(monkeypatch, capsys):
-    monkeypatch.setenv("LORAPLEX_MAX_BATCH_SIZE", "lots")
+    monkeypatch.setenv("LORAPLEX_MAX_NUM_SEQS", "lots")
     with pytest.raises(SystemExit):
         cli.main(["serve"])
-    assert "LORAPLEX_MAX_BATCH_SIZE" in capsys.readouterr().err
+    assert "LORAPLEX_MAX_NUM_SEQS" in capsys.readouterr().err
 
 
 def test_serve_runs_uvicorn_with_the_app(monkeypatch):

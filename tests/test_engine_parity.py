@@ -59,7 +59,7 @@ def test_single_adapter_matches_peft(demo_model_dir, adapter_dirs, prompts, refe
 @pytest.mark.parametrize("max_loras", [4, 2])
 def test_mixed_batch_matches_peft_row_by_row(demo_model_dir, adapter_dirs, prompts, references, max_loras):
     """All adapters + base in one batch; with 2 slots the pool must evict and reload (LRU) mid-run."""
-    engine = build_llm_engine(demo_model_dir, max_loras=max_loras, max_lora_rank=16, max_model_len=128, max_batch_size=32)
+    engine = build_llm_engine(demo_model_dir, max_loras=max_loras, max_lora_rank=16, max_model_len=128, max_num_seqs=32)
     requests = {}
     for adapter in [None, *ADAPTERS]:
         for i, prompt in enumerate(prompts):

@@ -13,7 +13,7 @@ from tests.engine_helpers import build_llm_engine, greedy, lora, step_until_idle
 
 @pytest.fixture
 def engine(demo_model_dir):
-    return build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=8, max_model_len=256, max_batch_size=4)
+    return build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=8, max_model_len=256, max_num_seqs=4)
 
 
 def _collect(engine):
@@ -48,7 +48,7 @@ def test_admission_bounded_by_kv_rows(engine):
     assert engine.scheduler.num_running == 4 and engine.scheduler.num_waiting == 2
     done, _ = _collect(engine)
     assert set(done) == {f"r{i}" for i in range(6)}
-    assert engine.scheduler.rows.num_used == 0
+    assert engine.blocks.num_used == 0
 
 
 def test_abort_frees_row_and_slot(engine, make_adapter):
@@ -61,7 +61,7 @@ def test_abort_frees_row_and_slot(engine, make_adapter):
     assert engine.scheduler.num_running == 1
     output = engine.abort("a")
     assert output.finish_reason is FinishReason.ABORT
-    assert engine.scheduler.rows.num_used == 0
+    assert engine.blocks.num_used == 0
     assert engine.slots.slot_of("acme/sched").num_refs == 0
     assert not engine.unfinished_request_ids()
 
@@ -139,7 +139,7 @@ def test_rank_over_limit_is_refused(engine, make_adapter):
 
 
 def test_one_tenants_flood_does_not_starve_another(demo_model_dir):
-    engine = build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=8, max_model_len=256, max_batch_size=2)
+    engine = build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=8, max_model_len=256, max_num_seqs=2)
     for i in range(12):
         engine.add_request(f"flood{i}", [0, 5, 6 + i], greedy(20), None, tenant="acme")
     engine.step()  # the flood fills both rows

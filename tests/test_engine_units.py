@@ -1,4 +1,4 @@
-"""Unit tests of engine parts that need no model: LoRA kernels, slot pool, KV rows, detokenizer, sampler."""
+"""Unit tests of engine parts that need no model: LoRA kernels, slot pool, detokenizer, sampler."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,6 @@ import torch
 
 from loraplex.engine.adapter_slots import AdapterSlots
 from loraplex.engine.detokenizer import IncrementalDetokenizer
-from loraplex.engine.kv_cache import RowAllocator
 from loraplex.engine.lora_ops import add_lora, build_lora_batch
 from loraplex.engine.sampler import sample
 from loraplex.engine.types import SamplingParams
@@ -65,14 +64,6 @@ def test_slots_evict_least_recently_used_first():
         slots.load(key), slots.mark_ready(key)
     slots.acquire("a"), slots.release("a")  # a used after b
     assert slots.load("c")[1] == "b"
-
-
-def test_row_allocator_keeps_rows_compact():
-    rows = RowAllocator(4)
-    assert [rows.allocate() for _ in range(3)] == [0, 1, 2]
-    assert rows.deallocate(0) == 2  # row 2 moves into 0
-    assert rows.deallocate(1) is None  # row 1 is now last
-    assert rows.num_used == 1 and rows.allocate() == 1
 
 
 class _CharTokenizer:

@@ -21,7 +21,7 @@ from tests.server_process import ServerProcess
 
 KEYS = {"acme": "key-acme", "globex": "key-globex", "admin": "key-admin"}
 SERVER_SETTINGS = dict(api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
-                       max_batch_size=32, max_queue=256, max_model_len=128, log_level="warning")
+                       max_num_seqs=32, max_queue=256, max_model_len=128, log_level="warning")
 NUM_FLOOD, NUM_SMALL = 320, 30
 FLOOD = {"model": "demo", "prompt": "flood", "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": True}
 SMALL = {"model": "demo", "prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True}

@@ -28,7 +28,7 @@ from tests.server_process import ServerProcess
 
 KEYS = {"acme": "key-acme", "globex": "key-globex", "admin": "key-admin"}
 SERVER_SETTINGS = dict(api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
-                       max_lora_rank=8, max_model_len=256, max_batch_size=8, log_level="warning",
+                       max_lora_rank=8, max_model_len=256, max_num_seqs=8, log_level="warning",
                        worker_heartbeat_s=0.5, job_stale_after_s=10)
 TRAIN = b"".join(b'{"prompt": "Q%d: what colour?", "completion": " zebra"}\n' % i for i in range(16))
 GREEDY = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}

@@ -24,7 +24,7 @@ def auth(who: str) -> dict[str, str]:
 def settings(tmp_path_factory) -> Settings:
     return Settings(
         model="demo", data_dir=tmp_path_factory.mktemp("files-data"), device="cpu", dtype="float32",
-        max_model_len=256, max_batch_size=4, max_loras=2, max_lora_rank=8, start_local_worker=False,
+        max_model_len=256, max_num_seqs=4, max_loras=2, max_lora_rank=8, start_local_worker=False,
         max_file_bytes=MAX_FILE_BYTES, max_file_lines=100,
         api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
     )

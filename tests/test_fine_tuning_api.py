@@ -38,7 +38,7 @@ def auth(who: str) -> dict[str, str]:
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
     base = dict(
-        model="demo", data_dir=data_dir, device="cpu", dtype="float32", max_model_len=512, max_batch_size=8,
+        model="demo", data_dir=data_dir, device="cpu", dtype="float32", max_model_len=512, max_num_seqs=8,
         max_loras=2, max_lora_rank=8, api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
         worker_heartbeat_s=0.5, job_stale_after_s=30, max_train_steps=100_000, log_format="text", log_level="warning",
     )

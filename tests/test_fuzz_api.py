@@ -51,7 +51,7 @@ MAX_COVERAGE_CASES = int(os.environ.get("LORAPLEX_FUZZ_COVERAGE_CASES", "0")) or
 REQUEST_TIMEOUT_S = 20.0  # a generation is at most 32 tokens of a 1M-parameter model: well under a second
 KEYS = {"acme": "fuzz-key-acme", "admin": "fuzz-key-admin"}
 SERVER_SETTINGS = {
-    "max_model_len": 32, "max_batch_size": 4, "max_loras": 2, "max_lora_rank": 8, "start_local_worker": "false",
+    "max_model_len": 32, "max_num_seqs": 4, "max_loras": 2, "max_lora_rank": 8, "start_local_worker": "false",
     "api_keys": f"{KEYS['acme']}:acme", "admin_key": KEYS["admin"], "max_request_bytes": 200_000,
     "max_adapter_bytes": 1_000_000, "max_file_bytes": 100_000, "log_level": "warning",
 }

@@ -48,7 +48,7 @@ def auth(who: str) -> dict[str, str]:
 def app_settings(tmp_path_factory) -> Settings:
     return Settings(
         model="demo", data_dir=tmp_path_factory.mktemp("corpus-data"), device="cpu", dtype="float32",
-        max_model_len=MAX_MODEL_LEN, max_batch_size=4, max_loras=2, max_lora_rank=MAX_LORA_RANK,
+        max_model_len=MAX_MODEL_LEN, max_num_seqs=4, max_loras=2, max_lora_rank=MAX_LORA_RANK,
         max_stop_sequences=MAX_STOP_SEQUENCES,
         max_request_bytes=MAX_REQUEST_BYTES, max_prompt_chars=MAX_PROMPT_CHARS, max_adapter_bytes=MAX_ADAPTER_BYTES,
         max_file_bytes=MAX_FILE_BYTES, start_local_worker=False,

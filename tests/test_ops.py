@@ -26,7 +26,7 @@ def ops_data(tmp_path_factory, demo_model_dir):
 
 @pytest.fixture
 def server(ops_data, tmp_path):
-    proc = ServerProcess(ops_data, tmp_path / "server.log", max_batch_size=1, max_model_len=2048, drain_grace_s=60)
+    proc = ServerProcess(ops_data, tmp_path / "server.log", max_num_seqs=1, max_model_len=2048, drain_grace_s=60)
     proc.wait_ready()
     yield proc
     proc.stop()

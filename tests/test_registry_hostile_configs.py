@@ -21,7 +21,7 @@ from tests.server_process import ServerProcess
 
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 SERVER_SETTINGS = dict(api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", max_lora_rank=8,
-                       max_model_len=128, max_batch_size=4, log_level="warning")
+                       max_model_len=128, max_num_seqs=4, log_level="warning")
 MAX_CALL_S = 0.1
 EVIL = "(.+)+X"  # exponential for a backtracking matcher on any path without an X
 # (field, value, refused_param): served when refused_param is None, else a 400 with that `param` whose

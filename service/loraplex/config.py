@@ -31,10 +31,14 @@ class Settings(BaseSettings):
     # Engine limits
     max_loras: int = Field(8, ge=1, le=256, description="Adapters resident on the device at once (slots).")
     max_lora_rank: int = Field(16, ge=1, le=256, description="Largest adapter rank accepted.")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together in one step (KV cache rows).")
-    max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion in tokens (KV cache columns); default: the model's own limit (`max_position_embeddings`). A larger value is refused at start unless `allow_long_max_model_len`.")
+    max_num_seqs: int = Field(256, ge=1, le=4096, description="Most sequences running at once (also bounded by free KV cache blocks).")
+    max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion in tokens; default: the model's own limit (`max_position_embeddings`). A larger value is refused at start unless `allow_long_max_model_len`.")
     allow_long_max_model_len: bool = Field(False, description="Accept a `max_model_len` longer than the model's own limit (rope extrapolates: output quality is the operator's risk).")
-    max_num_batched_tokens: int = Field(4096, ge=16, description="Most prompt tokens prefilled in one step.")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="Most tokens computed in one step (decodes first, then prompt chunks); longer prompts are prefilled over several steps.")
+    kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
+    kv_cache_bytes: int = Field(0, ge=0, description="KV cache memory budget in bytes; 0: `kv_cache_memory_share` of the device's memory.")
+    kv_cache_memory_share: float = Field(0.0, ge=0, le=0.95, description="Share of memory for the KV cache when `kv_cache_bytes` is 0 (0: 10% of host RAM on CPU, 80% of free GPU memory on CUDA); capped at what `max_num_seqs` full-length sequences need.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache blocks of earlier prompts with the same prefix and the same adapter version.")
     max_queue: int = Field(256, ge=0, description="Requests waiting for a batch slot before 429; past it, a tenant below its fair share of batch + queue still gets in.")
     lora_target_modules: str = Field(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",

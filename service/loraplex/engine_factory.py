@@ -41,10 +41,14 @@ def engine_config(settings: Settings, model_path: str) -> EngineConfig:
         max_cpu_loras=settings.max_cpu_loras,
         default_merge_mode=settings.default_merge_mode,
         max_lora_rank=settings.max_lora_rank,
-        max_batch_size=settings.max_batch_size,
+        max_num_seqs=settings.max_num_seqs,
         max_model_len=resolve_max_model_len(hf_config, settings.max_model_len, settings.allow_long_max_model_len),
         allow_long_max_model_len=settings.allow_long_max_model_len,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        kv_block_size=settings.kv_block_size,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        kv_cache_memory_share=settings.kv_cache_memory_share,
+        enable_prefix_caching=settings.enable_prefix_caching,
         max_queue=settings.max_queue,
         lora_target_modules=tuple(settings.lora_target_module_list),
         seed=settings.seed,
@@ -60,8 +64,8 @@ def build_engine(settings: Settings) -> AsyncEngine:
                        allow_long_max_model_len=config.allow_long_max_model_len)
     engine = LLMEngine(config, model, tokenizer)
     log.info(
-        "engine ready: kv cache %.1f MiB, adapter pool %.1f MiB (%d slots, rank %d)",
-        engine.kv_cache.num_bytes / 2**20, engine.lora_pool.num_bytes / 2**20,
+        "engine ready: kv cache %.1f MiB (%d blocks of %d tokens), adapter pool %.1f MiB (%d slots, rank %d)",
+        engine.kv_cache.num_bytes / 2**20, engine.kv_cache.num_blocks, engine.kv_cache.block_size, engine.lora_pool.num_bytes / 2**20,
         config.max_loras, config.max_lora_rank,
     )
     return AsyncEngine(engine, served_model_name(settings))

@@ -82,7 +82,11 @@ class EngineStateCollector:
         yield from _gauges({
             "loraplex_num_requests_running": ("Requests in the running batch", stats["num_running"]),
             "loraplex_num_requests_waiting": ("Requests waiting for admission", num_waiting),
-            "loraplex_kv_cache_usage": ("KV cache tokens in use / capacity", stats["kv_cache_usage"]),
+            "loraplex_kv_cache_usage": ("KV cache blocks in use / all blocks", stats["kv_cache_usage"]),
+            "loraplex_kv_cache_blocks": ("KV cache blocks in the pool", stats["num_kv_blocks"]),
+            "loraplex_kv_cache_blocks_used": ("KV cache blocks held by running sequences", stats["num_kv_blocks_used"]),
+            "loraplex_kv_cache_blocks_cached": ("KV cache blocks findable in the prefix cache", stats["num_kv_blocks_cached"]),
+            "loraplex_max_num_running": ("Peak number of running sequences since start", stats["max_num_running"]),
             "loraplex_batch_size": ("Sequences decoded in the last step", stats["num_running"]),
             "loraplex_adapters_resident": ("Adapters resident in device slots", len(stats["resident_adapters"])),
             "loraplex_adapter_slots": ("Device adapter slots (max_loras)", stats["max_loras"]),
@@ -92,11 +96,15 @@ class EngineStateCollector:
             "vllm:num_requests_running": ("Running requests (endpoint-picker name)", stats["num_running"]),
             "vllm:num_requests_waiting": ("Waiting requests (endpoint-picker name)", num_waiting),
             "vllm:gpu_cache_usage_perc": ("KV cache usage 0..1 (endpoint-picker name)", stats["kv_cache_usage"]),
+            "vllm:kv_cache_usage_perc": ("KV cache usage 0..1 (vLLM's current name)", stats["kv_cache_usage"]),
         })
         for name, doc, value in (
             ("loraplex_adapter_loads", "Adapter loads into device slots", stats["num_adapter_loads"]),
             ("loraplex_adapter_evictions", "Adapters evicted from device slots", stats["num_adapter_evictions"]),
             ("loraplex_merge_switches", "Merge/unmerge switches (merged adapter changed)", stats["num_merge_switches"]),
+            ("vllm:num_preemptions", "Running sequences preempted for KV blocks (recomputed later)", stats["num_preemptions"]),
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", stats["prefix_cache_queries"]),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", stats["prefix_cache_hits"]),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], value)

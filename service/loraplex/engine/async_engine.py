@@ -28,7 +28,7 @@ class AsyncEngine:
         self.num_layers = engine.model.config.num_hidden_layers
         self.max_queue = engine.config.max_queue
         self.grammars = engine.grammars  # thread-safe: the API compiles guides off the event loop
-        self._waiting_room = WaitingRoom(self.max_queue, engine.config.max_batch_size)  # guarded by _lock
+        self._waiting_room = WaitingRoom(self.max_queue, engine.config.max_num_seqs)  # guarded by _lock
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()

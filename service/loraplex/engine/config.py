@@ -17,10 +17,14 @@ class EngineConfig:
     max_cpu_loras: int = 32
     default_merge_mode: str = "unmerged"  # unmerged | auto: the merge mode of adapters no admin has set  # parsed adapters kept in host memory (0: always read from storage)
     max_lora_rank: int = 16
-    max_batch_size: int = 32
+    max_num_seqs: int = 256  # sequences running at once (also bounded by free KV blocks)
     max_model_len: int = 1024  # engine_factory derives the default from the model (engine/context_limit.py)
     allow_long_max_model_len: bool = False  # accept a max_model_len past the model's own limit
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 2048  # tokens computed per step; longer prompts are prefilled in chunks
+    kv_block_size: int = 16  # tokens per KV cache block
+    kv_cache_bytes: int = 0  # KV cache budget; 0: kv_cache_memory_share of the device's memory
+    kv_cache_memory_share: float = 0.0  # 0: the default share (see kv_cache.py)
+    enable_prefix_caching: bool = True
     max_queue: int = 256
     lora_target_modules: tuple[str, ...] = LORA_MODULES
     seed: int = 0
@@ -30,9 +34,8 @@ class EngineConfig:
         unknown = set(self.lora_target_modules) - set(LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora target modules {sorted(unknown)}; choose from {LORA_MODULES}")
-        if self.max_num_batched_tokens < self.max_model_len:
-            # A whole prompt is prefilled in one step, so the budget must fit the longest one.
-            object.__setattr__(self, "max_num_batched_tokens", self.max_model_len)
+        if self.kv_block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("kv_block_size, max_num_seqs and max_num_batched_tokens must be positive")
 
     @property
     def torch_device(self) -> torch.device:

@@ -1,53 +1,54 @@
-"""Device KV cache tensors (static, one row per running sequence) and row bookkeeping."""
+"""Device KV cache: a pool of fixed-size blocks per layer, sized by a memory budget.
+
+Which sequence holds which block is `BlockManager`'s business; this module owns the tensors only.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
+CPU_DEFAULT_SHARE = 0.10  # of host memory, when no budget is given
+CUDA_DEFAULT_SHARE = 0.80  # of the device memory left free after the weights
+
 
 class KVCache:
-    """Per layer k/v: [max_rows, num_kv_heads, max_model_len, head_dim]. Memory fixed at start."""
+    """Per layer k/v: [num_blocks, block_size, num_kv_heads, head_dim] (zeros, so padding reads are finite)."""
 
-    def __init__(self, num_layers, max_rows, num_kv_heads, max_model_len, head_dim, dtype, device):
-        shape = (max_rows, num_kv_heads, max_model_len, head_dim)
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_rows, self.max_model_len, self.num_kv_heads = max_rows, max_model_len, num_kv_heads
+        self.num_blocks, self.block_size, self.num_kv_heads = num_blocks, block_size, num_kv_heads
 
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of row src into row dst, in every layer."""
-        for cache in self.k + self.v:
-            cache[dst, :, :length] = cache[src, :, :length]
+
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-class RowAllocator:
-    """Pure bookkeeping: rows 0..num_used-1 are in use; freeing moves the last row into the hole.
+def kv_budget_bytes(budget_bytes: int, share: float, device: torch.device) -> int:
+    """An explicit byte budget wins; else `share` (or the default share) of the device's memory."""
+    if budget_bytes > 0:
+        return budget_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (share or CUDA_DEFAULT_SHARE))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * (share or CPU_DEFAULT_SHARE))
 
-    Keeping used rows compact lets decode attention read a view of the cache instead of a gather.
-    """
 
-    def __init__(self, max_rows: int):
-        self.max_rows = max_rows
-        self.num_used = 0
-
-    @property
-    def num_free(self) -> int:
-        return self.max_rows - self.num_used
-
-    def can_allocate(self) -> bool:
-        return self.num_used < self.max_rows
-
-    def allocate(self) -> int:
-        assert self.can_allocate(), "no free KV cache row"
-        self.num_used += 1
-        return self.num_used - 1
-
-    def deallocate(self, row: int) -> int | None:
-        """Free `row`. Returns the row whose contents must move into it (the last one), if any."""
-        assert 0 <= row < self.num_used
-        self.num_used -= 1
-        last = self.num_used
-        return last if last != row else None
+def num_blocks_for(budget: int, token_bytes: int, block_size: int, max_useful_tokens: int, max_model_len: int) -> int:
+    """Blocks that fit the budget, capped at what max_num_seqs full sequences could ever use; at least
+    one full-length sequence must fit."""
+    num_blocks = min(budget // (token_bytes * block_size), -(-max_useful_tokens // block_size))
+    needed = -(-max_model_len // block_size)
+    if num_blocks < needed:
+        raise ValueError(
+            f"the KV cache budget ({budget} bytes) holds {num_blocks} blocks of {block_size} tokens; "
+            f"one sequence of max_model_len={max_model_len} needs {needed}: raise the budget or lower max_model_len"
+        )
+    return num_blocks

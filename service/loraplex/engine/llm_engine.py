@@ -13,7 +13,8 @@ from loraplex.engine.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.errors import AdapterError, InvalidRequestError, PromptTooLongError
 from loraplex.engine.host_cache import HostLoraCache
-from loraplex.engine.kv_cache import KVCache, RowAllocator
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.kv_cache import KVCache, bytes_per_token, kv_budget_bytes, num_blocks_for
 from loraplex.engine.lora_pool import LoraPool
 from loraplex.engine.lora_weights import HostLora, read_adapter
 from loraplex.engine.merge import MergeManager
@@ -37,14 +38,12 @@ class LLMEngine:
         self.device = config.torch_device
         mc = model.config
         num_kv = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-        self.kv_cache = KVCache(
-            mc.num_hidden_layers, config.max_batch_size, num_kv, config.max_model_len,
-            model.head_dim, config.torch_dtype, self.device,
-        )
+        self.kv_cache = _build_kv_cache(config, mc.num_hidden_layers, num_kv, model.head_dim, self.device)
+        self.blocks = BlockManager(self.kv_cache.num_blocks, config.kv_block_size, config.enable_prefix_caching)
         # slots: 0 = base (zeros), 1..max_loras = adapters, max_loras + 1 = merge compensation
         self.lora_pool = LoraPool(model, config.max_loras + 2, config.max_lora_rank, list(config.lora_target_modules))
         self.slots = AdapterSlots(config.max_loras)
-        self.scheduler = Scheduler(RowAllocator(config.max_batch_size), self.slots, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
         self.merge = MergeManager(self.lora_pool, compensation_slot=config.max_loras + 1)
         self.merge_policy = MergePolicy(default_mode=config.default_merge_mode)
         self.merged_key: str | None = None
@@ -111,17 +110,17 @@ class LLMEngine:
         if batch.is_empty:
             return results
         sampled, prompt_logprobs = self.runner.run(batch)
-        for seq in batch.prefill_seqs:
-            seq.prompt_logprobs = prompt_logprobs.get(seq.request_id)
-        self.scheduler.charge(batch.decode_seqs, [1] * len(batch.decode_seqs))
-        self.scheduler.charge(batch.prefill_seqs, [len(s.prompt_ids) for s in batch.prefill_seqs])
+        for request_id, entries in prompt_logprobs.items():
+            seq = self._seqs[request_id]
+            seq.prompt_logprobs = (seq.prompt_logprobs or []) + entries
+        self.scheduler.update_computed(batch)
         self.merge_policy.observe(_tokens_by_adapter(batch))
         return results + self._postprocess(batch, sampled)
 
     def _postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[StepResult]:
         now = time.monotonic()
         results = []
-        for i, seq in enumerate(batch.seqs):
+        for i, seq in enumerate(batch.sampled_seqs):
             token = sampled.tokens[i]
             seq.output_ids.append(token)
             seq.output_logprobs.append(sampled.logprobs[i])
@@ -217,6 +216,10 @@ class LLMEngine:
             self.lora_pool.clear(self.slots.drop(key))
         return True
 
+    def drop_cached_blocks(self, adapter_id: str) -> int:
+        """After a delete: forget every prefix-cache block computed with any version of `<tenant>/<name>`."""
+        return self.blocks.drop_identity(adapter_id + "@")
+
     def evict_versions_of(self, adapter_id: str) -> None:
         """After a delete elsewhere: drop idle cached versions of `<tenant>/<name>` (busy ones finish first)."""
         prefix = adapter_id + "@"
@@ -229,6 +232,7 @@ class LLMEngine:
         for key in set(self.slots.resident_keys()) | set(self.host_cache.keys()):
             if key.startswith(prefix):
                 self.evict(key)
+        self.drop_cached_blocks(adapter_id)
 
     # --- merged serving ------------------------------------------------------------------------
     def set_merge_mode(self, lora: LoraRequest, mode: MergeMode) -> bool:
@@ -295,21 +299,26 @@ class LLMEngine:
         return results
 
     def stats(self) -> dict:
-        running = self.scheduler.running
-        used_tokens = sum(s.num_tokens for s in running)
-        capacity = self.config.max_batch_size * self.config.max_model_len
+        running, blocks = self.scheduler.running, self.blocks
         return {
             "num_running": len(running),
             "num_waiting": self.scheduler.num_waiting,
-            "kv_cache_usage": used_tokens / capacity,
-            "kv_rows_usage": len(running) / self.config.max_batch_size,
+            "max_num_running": self.scheduler.max_num_running,
+            "kv_cache_usage": blocks.num_used / blocks.num_blocks,
+            "num_kv_blocks": blocks.num_blocks,
+            "num_kv_blocks_used": blocks.num_used,
+            "num_kv_blocks_cached": blocks.num_cached,
+            "kv_block_size": blocks.block_size,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": blocks.num_cache_queries,
+            "prefix_cache_hits": blocks.num_cache_hits,
             "resident_adapters": self.slots.resident_keys(),
             "host_adapters": self.host_cache.keys(),
             "pinned_adapters": sorted(self.pinned_keys),
             "running_adapters": sorted({s.lora_key for s in running if s.lora_key}),
             "waiting_adapters": sorted({s.lora_key for s in list(self.scheduler.waiting) if s.lora_key}),
             "max_loras": self.config.max_loras,
-            "max_batch_size": self.config.max_batch_size,
+            "max_num_seqs": self.config.max_num_seqs,
             "num_adapter_loads": self.num_adapter_loads,
             "num_adapter_evictions": self.slots.num_evictions,
             "merged_adapter": self.merged_key,
@@ -322,13 +331,21 @@ class LLMEngine:
 
 
 def _tokens_by_adapter(batch: ScheduledBatch) -> Counter:
-    """Tokens computed this step per adapter key (None = base): one per decode, the prompt per prefill."""
+    """Tokens computed this step per adapter key (None = base): one per decode, the chunk per prefill."""
     usage: Counter = Counter()
     for seq in batch.decode_seqs:
         usage[seq.lora_key] += 1
-    for seq in batch.prefill_seqs:
-        usage[seq.lora_key] += len(seq.prompt_ids)
+    for chunk in batch.prefill_chunks:
+        usage[chunk.seq.lora_key] += chunk.num_tokens
     return usage
+
+
+def _build_kv_cache(config: EngineConfig, num_layers: int, num_kv: int, head_dim: int, device) -> KVCache:
+    token_bytes = bytes_per_token(num_layers, num_kv, head_dim, config.torch_dtype)
+    budget = kv_budget_bytes(config.kv_cache_bytes, config.kv_cache_memory_share, device)
+    num_blocks = num_blocks_for(budget, token_bytes, config.kv_block_size,
+                                config.max_num_seqs * config.max_model_len, config.max_model_len)
+    return KVCache(num_layers, num_blocks, config.kv_block_size, num_kv, head_dim, config.torch_dtype, device)
 
 
 def _eos_ids(tokenizer, model) -> set[int]:

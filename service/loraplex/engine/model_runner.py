@@ -5,14 +5,14 @@ import itertools
 
 import torch
 
-from loraplex.engine.attention import AttentionMetadata, PrefillGroup
+from loraplex.engine.attention import AttentionMetadata, PrefillChunk, PrefillGroup
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_ops import LoraBatch, build_lora_batch
 from loraplex.engine.merge import MergeManager
 from loraplex.engine.model import ForwardBatch, LlamaForServing
 from loraplex.engine.logits_processors import RowTokens
 from loraplex.engine.sampler import Sampler, SamplerOutput, top_logprobs
-from loraplex.engine.scheduler import ScheduledBatch
+from loraplex.engine.scheduler import ScheduledBatch, ScheduledChunk
 from loraplex.engine.sequence import Sequence
 
 
@@ -20,46 +20,55 @@ class ModelRunner:
     def __init__(self, model: LlamaForServing, kv_cache: KVCache, merge: MergeManager, device: torch.device,
                  sampler: Sampler):
         self.model, self.kv_cache, self.merge, self.device = model, kv_cache, merge, device
+        self.block_size = kv_cache.block_size
         self.sampler = sampler
 
     def run(self, batch: ScheduledBatch) -> tuple[SamplerOutput, dict[str, list]]:
-        """The sampled token (+ logprobs) for each of batch.seqs, in that order, and the prompt logprobs
-        of the prefilled sequences that asked for them (request id -> per prompt token after the first)."""
-        for src, dst, length in batch.row_moves:
-            self.kv_cache.move_row(src, dst, length)
-        input_ids, forward_batch = self._prepare(batch)
-        logits = self.model(input_ids, forward_batch, self.kv_cache)  # [num_seqs + prompt positions, V]
-        seqs = batch.seqs
+        """The sampled token (+ logprobs) for each of batch.sampled_seqs, in that order, and the prompt
+        logprobs computed this step (request id -> entries for this chunk's prompt positions)."""
+        input_ids, forward_batch, wanting = self._prepare(batch)
+        logits = self.model(input_ids, forward_batch, self.kv_cache)  # [num_sampled + prompt positions, V]
+        seqs = batch.sampled_seqs
         rows = [RowTokens(s.params, s.prompt_ids, s.output_ids) for s in seqs]
+        if not seqs:  # only partial prompt chunks ran
+            return SamplerOutput([], [], [], []), prompt_logprobs(logits, wanting)
         output = self.sampler.sample(logits[: len(seqs)], [s.request_id for s in seqs], rows, [s.seed for s in seqs])
-        return output, prompt_logprobs(logits[len(seqs):], _wanting_prompt_logprobs(batch))
+        return output, prompt_logprobs(logits[len(seqs):], wanting)
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch]:
-        decode, prefill = batch.decode_seqs, batch.prefill_seqs
-        token_ids = [s.last_token for s in decode] + list(itertools.chain.from_iterable(s.prompt_ids for s in prefill))
-        positions = [s.num_tokens - 1 for s in decode] + list(
-            itertools.chain.from_iterable(range(len(s.prompt_ids)) for s in prefill)
-        )
-        logits_indices, start, prompt_positions = list(range(len(decode))), len(decode), []
-        for seq in prefill:
-            if seq.params.prompt_logprobs is not None:  # every position but the last predicts a prompt token
-                prompt_positions += range(start, start + len(seq.prompt_ids) - 1)
-            start += len(seq.prompt_ids)
-            logits_indices.append(start - 1)
-        logits_indices += prompt_positions  # after the sampled rows: run() splits them off
-        lora = self._lora_batch(decode, prefill)
+    # --- inputs --------------------------------------------------------------------------------
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch, list]:
+        decode, chunks = batch.decode_seqs, batch.prefill_chunks
+        token_ids = [s.last_token for s in decode]
+        positions = [s.num_tokens - 1 for s in decode]
+        slots = [self._slot(s, s.num_tokens - 1) for s in decode]
+        logits_indices, start, prompt_indices, wanting = list(range(len(decode))), len(decode), [], []
+        for chunk in chunks:
+            end = chunk.start + chunk.num_tokens
+            token_ids += chunk.seq.token_ids[chunk.start:end]
+            positions += range(chunk.start, end)
+            slots += [self._slot(chunk.seq, p) for p in range(chunk.start, end)]
+            wanted = _prompt_logprob_positions(chunk)  # positions predicting a prompt token, not yet reported
+            if wanted:
+                prompt_indices += [start + p - chunk.start for p in wanted]
+                wanting.append((chunk.seq, wanted))
+            start += chunk.num_tokens
+            if chunk.is_last:
+                logits_indices.append(start - 1)
         forward_batch = ForwardBatch(
             positions=self._tensor(positions),
-            attention=self._attention_metadata(decode, prefill),
-            lora=lora,
-            logits_indices=self._tensor(logits_indices),
+            attention=self._attention_metadata(decode, chunks, slots),
+            lora=self._lora_batch(decode, chunks),
+            logits_indices=self._tensor(logits_indices + prompt_indices),  # run() splits the prompt rows off
         )
-        return self._tensor(token_ids), forward_batch
+        return self._tensor(token_ids), forward_batch, wanting
 
-    def _lora_batch(self, decode: list[Sequence], prefill: list[Sequence]) -> LoraBatch:
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _lora_batch(self, decode: list[Sequence], chunks: list[ScheduledChunk]) -> LoraBatch:
         """Each token's adapter slot; with an adapter merged, its tokens need none and all others
         get the compensation pass (-merged delta) as well."""
         merged = self.merge.merged_slot
@@ -67,66 +76,75 @@ class ModelRunner:
         compensation = None
         if merged is not None:
             extra = lambda s: 0 if s.slot == merged else self.merge.compensation_slot  # noqa: E731
-            compensation = self._build_lora([extra(s) for s in decode], [(len(s.prompt_ids), extra(s)) for s in prefill])
-        return self._build_lora([own(s) for s in decode], [(len(s.prompt_ids), own(s)) for s in prefill], compensation)
+            compensation = self._build_lora([extra(s) for s in decode], [(c.num_tokens, extra(c.seq)) for c in chunks])
+        return self._build_lora([own(s) for s in decode], [(c.num_tokens, own(c.seq)) for c in chunks], compensation)
 
     def _build_lora(self, decode_slots, prefill_runs, compensation=None) -> LoraBatch:
         pool = self.merge.pool
         return build_lora_batch(decode_slots, prefill_runs, self.device, pool.num_slots, pool.max_rank, compensation)
 
-    def _attention_metadata(self, decode: list[Sequence], prefill: list[Sequence]) -> AttentionMetadata:
-        write_index = decode_mask = decode_lengths = None
+    def _attention_metadata(self, decode: list[Sequence], chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
+        tables = lengths = None
         max_decode_len = 0
         if decode:
-            lengths = [s.num_tokens for s in decode]  # cache length after this step's write
-            max_decode_len = max(lengths)
-            write_index = self._decode_write_index(lengths)
-            columns = torch.arange(max_decode_len, device=self.device)
-            decode_lengths = self._tensor(lengths)
-            decode_mask = (columns.unsqueeze(0) < decode_lengths.unsqueeze(1))[:, None, None, :]
+            max_decode_len = max(s.num_tokens for s in decode)
+            tables = self._padded_tables([s.block_table for s in decode], -(-max_decode_len // self.block_size))
+            lengths = self._tensor([s.num_tokens for s in decode])
+        fresh = [c for c in chunks if c.start == 0]
         return AttentionMetadata(
+            slot_mapping=self._tensor(slots),
             num_decode=len(decode),
-            decode_write_index=write_index,
-            decode_mask=decode_mask,  # [n, 1, 1, L]
-            decode_lengths=decode_lengths,
+            decode_block_tables=tables,  # [n, max_blocks]
+            decode_lengths=lengths,  # [n]
             max_decode_len=max_decode_len,
-            prefill_groups=self._prefill_groups(len(decode), prefill),
+            prefill_groups=self._prefill_groups(len(decode), fresh),
+            prefill_chunks=self._prefill_chunks(len(decode) + sum(c.num_tokens for c in fresh), chunks[len(fresh):]),
         )
 
-    def _decode_write_index(self, lengths: list[int]) -> torch.Tensor:
-        """Flat index into cache.view(-1, hd) for each (decode row, kv head): [n * Hkv]."""
-        num_kv, max_len = self.kv_cache.num_kv_heads, self.kv_cache.max_model_len
-        rows = torch.arange(len(lengths)).unsqueeze(1)  # [n, 1]
-        heads = torch.arange(num_kv).unsqueeze(0)  # [1, Hkv]
-        positions = torch.tensor(lengths).unsqueeze(1) - 1  # [n, 1]
-        return ((rows * num_kv + heads) * max_len + positions).reshape(-1).to(self.device, non_blocking=True)
+    def _padded_tables(self, tables: list[list[int]], width: int) -> torch.Tensor:
+        """[n, width] block ids; padding points at block 0 (masked out by length)."""
+        return self._tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables]).view(len(tables), width)
 
-    def _prefill_groups(self, token_start: int, prefill: list[Sequence]) -> tuple[PrefillGroup, ...]:
+    def _prefill_groups(self, token_start: int, fresh: list[ScheduledChunk]) -> tuple[PrefillGroup, ...]:
         groups = []
-        for length, members in itertools.groupby(prefill, key=lambda s: len(s.prompt_ids)):
-            members = list(members)
-            rows = self._tensor([s.row for s in members])
-            groups.append(PrefillGroup(token_start, len(members), length, rows))
-            token_start += length * len(members)
+        for length, members in itertools.groupby(fresh, key=lambda c: c.num_tokens):
+            count = len(list(members))
+            groups.append(PrefillGroup(token_start, count, length))
+            token_start += length * count
         return tuple(groups)
+
+    def _prefill_chunks(self, token_start: int, chunks: list[ScheduledChunk]) -> tuple[PrefillChunk, ...]:
+        out = []
+        for chunk in chunks:
+            context = chunk.start + chunk.num_tokens
+            table = self._tensor(chunk.seq.block_table[: -(-context // self.block_size)])
+            out.append(PrefillChunk(token_start, chunk.num_tokens, context, table))
+            token_start += chunk.num_tokens
+        return tuple(out)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
 
-def _wanting_prompt_logprobs(batch: ScheduledBatch) -> list[Sequence]:
-    return [s for s in batch.prefill_seqs if s.params.prompt_logprobs is not None]
+def _prompt_logprob_positions(chunk: ScheduledChunk) -> range:
+    """Positions of this chunk whose logits predict a prompt token and were not reported before (a
+    recomputed sequence reported them on its first pass)."""
+    seq = chunk.seq
+    if seq.params.prompt_logprobs is None:
+        return range(0)
+    first = max(chunk.start, len(seq.prompt_logprobs or ()))
+    return range(first, min(chunk.start + chunk.num_tokens, len(seq.prompt_ids) - 1))
 
 
-def prompt_logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> dict[str, list]:
-    """logits: [sum(P_i - 1), V], seq i's positions 0..P_i-2 in order -> request id -> for each prompt
-    token after the first, (its logprob, its position's top alternatives)."""
+def prompt_logprobs(logits: torch.Tensor, wanting: list[tuple[Sequence, range]]) -> dict[str, list]:
+    """logits: [sum of the positions, V] in `wanting` order -> request id -> for each position p,
+    (logprob of prompt token p + 1, the position's top alternatives)."""
     result, start = {}, 0
-    for seq in seqs:
-        num = len(seq.prompt_ids) - 1
-        logprobs = torch.log_softmax(logits[start : start + num], dim=-1)  # [P-1, V]
-        targets = torch.tensor(seq.prompt_ids[1:], device=logits.device).unsqueeze(1)  # [P-1, 1]
-        chosen = logprobs.gather(1, targets).squeeze(1).tolist() if num else []
+    for seq, positions in wanting:
+        num = len(positions)
+        logprobs = torch.log_softmax(logits[start : start + num], dim=-1)  # [num, V]
+        targets = torch.tensor([seq.prompt_ids[p + 1] for p in positions], device=logits.device).unsqueeze(1)
+        chosen = logprobs.gather(1, targets).squeeze(1).tolist()
         top = top_logprobs(logprobs, [seq.params.prompt_logprobs] * num)
         result[seq.request_id] = list(zip(chosen, top))
         start += num

@@ -1,8 +1,12 @@
-"""Decides, each step, which sequences run. Bookkeeping only: never touches a tensor.
+"""Decides, each step, which tokens are computed. Bookkeeping only: never touches a tensor.
 
-Every running sequence decodes one token per step; waiting sequences are admitted (prefilled)
-in the same step while a KV row, prompt-token budget and a ready adapter slot are available.
-A sequence whose adapter is cold asks for a load and waits; others keep being admitted.
+A step's token budget (`max_num_batched_tokens`) goes first to the running decodes (one token each),
+then to running sequences still prefilling (chunked prefill: a long prompt takes several steps while
+the others keep decoding), then to waiting sequences admitted while `max_num_seqs`, free KV blocks
+and a ready adapter slot allow. A sequence whose adapter is cold asks for a load and waits; others
+keep being admitted. When a decode needs a block and none is free, the newest running sequence is
+preempted: its blocks are freed and it waits to be recomputed (its full blocks usually stay in the
+prefix cache, so the recompute is mostly a cache hit).
 
 Admission is fair across tenants (a virtual token counter): waiting sequences are considered in
 order of how many tokens their tenant has been served, so one tenant's flood cannot starve another;
@@ -16,35 +20,55 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from loraplex.engine.adapter_slots import AdapterSlots
-from loraplex.engine.kv_cache import RowAllocator
+from loraplex.engine.block_manager import BlockManager, PrefixMatch
 from loraplex.engine.sequence import Sequence, SeqStatus
 from loraplex.engine.types import FinishReason, LoraRequest
 
 
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of one sequence's prompt (+ recomputed outputs)."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def is_last(self) -> bool:
+        """The chunk reaches the sequence's end: its last logits are sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
 @dataclass
 class ScheduledBatch:
-    decode_seqs: list[Sequence]  # rows 0..len-1, in row order
-    prefill_seqs: list[Sequence]  # sorted by prompt length
-    row_moves: list[tuple[int, int, int]]  # (src row, dst row, num tokens) to apply first
+    decode_seqs: list[Sequence]  # one new token each, first in the flat batch
+    prefill_chunks: list[ScheduledChunk]  # fresh prompts by length, then continuation chunks
     adapter_loads: list[tuple[LoraRequest, int]] = field(default_factory=list)  # (adapter, reserved slot)
 
     @property
-    def seqs(self) -> list[Sequence]:
-        return self.decode_seqs + self.prefill_seqs
+    def sampled_seqs(self) -> list[Sequence]:
+        """The sequences that get a new token this step, in logits order."""
+        return self.decode_seqs + [c.seq for c in self.prefill_chunks if c.is_last]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode_seqs) + sum(c.num_tokens for c in self.prefill_chunks)
 
     @property
     def is_empty(self) -> bool:
-        return not self.decode_seqs and not self.prefill_seqs
+        return not self.decode_seqs and not self.prefill_chunks
 
 
 class Scheduler:
-    def __init__(self, rows: RowAllocator, slots: AdapterSlots, max_num_batched_tokens: int):
-        self.rows, self.slots = rows, slots
-        self.max_num_batched_tokens = max_num_batched_tokens
+    def __init__(self, blocks: BlockManager, slots: AdapterSlots, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks, self.slots = blocks, slots
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.watermark_blocks = max(1, blocks.num_blocks // 100)  # kept free at admission for decodes
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i].row == i
-        self._pending_moves: list[tuple[int, int, int]] = []
+        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.served_tokens: dict[str, int] = {}  # tenant -> virtual token counter
+        self.num_preemptions = 0
+        self.max_num_running = 0  # peak since start
 
     @property
     def num_waiting(self) -> int:
@@ -60,34 +84,61 @@ class Scheduler:
             self.served_tokens[seq.tenant] = max(self.served_tokens.get(seq.tenant, 0), floor)
         self.waiting.append(seq)
 
-    def charge(self, seqs: list[Sequence], num_tokens: list[int]) -> None:
-        """Count tokens computed for each sequence against its tenant."""
-        for seq, n in zip(seqs, num_tokens):
-            self.served_tokens[seq.tenant] = self.served_tokens.get(seq.tenant, 0) + n
-
     def _active_tenants(self) -> set[str]:
         return {s.tenant for s in self.waiting} | {s.tenant for s in self.running}
 
+    # --- the step ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        decode_seqs = list(self.running)
-        prefill_seqs, loads = self._admit()
-        moves, self._pending_moves = self._pending_moves, []
-        prefill_seqs.sort(key=lambda s: len(s.prompt_ids))
-        return ScheduledBatch(decode_seqs, prefill_seqs, moves, loads)
+        decode_seqs = self._schedule_decodes()
+        budget = self.max_num_batched_tokens - len(decode_seqs)
+        chunks = self._continue_prefills(budget)
+        budget -= sum(c.num_tokens for c in chunks)
+        admitted, loads = self._admit(budget)
+        chunks += admitted
+        chunks.sort(key=lambda c: (c.start > 0, c.num_tokens if c.start == 0 else 0))
+        self.max_num_running = max(self.max_num_running, len(self.running))
+        return ScheduledBatch(decode_seqs, chunks, loads)
 
-    def _admit(self) -> tuple[list[Sequence], list[tuple[LoraRequest, int]]]:
-        admitted, loads, budget = [], [], self.max_num_batched_tokens
+    def _schedule_decodes(self) -> list[Sequence]:
+        scheduled = []
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+                continue  # preempted in this loop, or still prefilling
+            while not self.blocks.can_append(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                self.blocks.append(seq.block_table, seq.num_tokens)
+                scheduled.append(seq)
+        return scheduled
+
+    def _continue_prefills(self, budget: int) -> list[ScheduledChunk]:
+        chunks = []
+        for seq in self.running:
+            if seq.num_uncomputed_tokens > 1 and budget > 0:
+                chunk = ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget))
+                chunks.append(chunk)
+                budget -= chunk.num_tokens
+        return chunks
+
+    def _admit(self, budget: int) -> tuple[list[ScheduledChunk], list[tuple[LoraRequest, int]]]:
+        admitted, loads = [], []
         fair_order = sorted(self.waiting, key=lambda s: (self.served_tokens.get(s.tenant, 0), s.arrival_time))
         for seq in fair_order:
-            if not self.rows.can_allocate():
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if len(seq.prompt_ids) > budget:
-                continue
             if seq.lora and not self._ensure_adapter(seq.lora, loads):
                 continue
-            self._start(seq)
-            admitted.append(seq)
-            budget -= len(seq.prompt_ids)
+            match = PrefixMatch() if seq.needs_prompt_logprobs else self.blocks.match(seq.cache_identity, seq.token_ids)
+            reserve = self.watermark_blocks if self.running else 0
+            if not self.blocks.can_allocate(seq.num_tokens + reserve * self.blocks.block_size, match):
+                break  # wait for blocks rather than let later, shorter requests overtake forever
+            self._start(seq, match)
+            chunk = ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget))
+            admitted.append(chunk)
+            budget -= chunk.num_tokens
         return admitted, loads
 
     def _ensure_adapter(self, lora: LoraRequest, loads: list) -> bool:
@@ -99,25 +150,54 @@ class Scheduler:
             loads.append((lora, slot))
         return False
 
-    def _start(self, seq: Sequence) -> None:
+    def _start(self, seq: Sequence, match) -> None:
         self.waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
-        seq.scheduled_time = time.monotonic()
-        seq.row = self.rows.allocate()
+        seq.scheduled_time = seq.scheduled_time or time.monotonic()
+        seq.block_table = self.blocks.allocate(seq.num_tokens, match)
+        seq.block_hashes = list(match.hashes)
+        seq.num_computed_tokens = seq.num_cached_tokens = match.num_blocks * self.blocks.block_size
         if seq.lora:
             seq.slot = self.slots.acquire(seq.lora.key)
         self.running.append(seq)
 
+    def update_computed(self, batch: ScheduledBatch) -> None:
+        """After the forward pass: advance each sequence and register its newly full blocks."""
+        for seq in batch.decode_seqs:
+            self._computed(seq, 1)
+        for chunk in batch.prefill_chunks:
+            self._computed(chunk.seq, chunk.num_tokens)
+
+    def _computed(self, seq: Sequence, num_tokens: int) -> None:
+        seq.num_computed_tokens += num_tokens
+        self.served_tokens[seq.tenant] = self.served_tokens.get(seq.tenant, 0) + num_tokens
+        self.blocks.cache_full_blocks(seq.cache_identity, seq.token_ids, seq.block_table,
+                                      seq.num_computed_tokens, seq.block_hashes)
+
+    # --- leaving the batch -------------------------------------------------------------------
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and slot; it waits (first in line) to be recomputed."""
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
     def finish(self, seq: Sequence, reason: FinishReason, stop_reason=None) -> None:
-        """Free a sequence's row and adapter slot (works for waiting or running sequences)."""
+        """Free a sequence's blocks and adapter slot (works for waiting or running sequences)."""
         if seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.RUNNING:
-            self._free_row(seq)
-            if seq.lora:
-                self.slots.release(seq.lora.key)
+            self._release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+    def _release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.num_computed_tokens = [], [], 0
+        if seq.lora:
+            self.slots.release(seq.lora.key)
 
     def fail_waiting_for(self, adapter_key: str) -> list[Sequence]:
         """Remove the waiting sequences that need an adapter whose load failed."""
@@ -125,13 +205,3 @@ class Scheduler:
         for seq in failed:
             self.finish(seq, FinishReason.ABORT)
         return failed
-
-    def _free_row(self, seq: Sequence) -> None:
-        moved_from = self.rows.deallocate(seq.row)
-        last = self.running.pop()
-        if moved_from is not None:
-            assert last.row == moved_from
-            self._pending_moves.append((moved_from, seq.row, last.num_tokens))
-            last.row = seq.row
-            self.running[seq.row] = last
-        seq.row = -1

@@ -28,8 +28,12 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)  # per output token when params.logprobs
-    prompt_logprobs: list | None = None  # set at prefill when params.prompt_logprobs, sent once
-    row: int = -1  # KV cache row while running
+    prompt_logprobs: list | None = None  # (logprob, top) per prompt token after the first, filled chunk by chunk
+    block_table: list[int] = field(default_factory=list)  # KV cache blocks while running
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache chain of the full computed blocks
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at the last admission
+    num_preemptions: int = 0
     slot: int = 0  # adapter slot while running (0 = base)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -41,6 +45,24 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (cached blocks would skip their logits)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs or ()) < len(self.prompt_ids) - 1
+
+    @property
+    def cache_identity(self) -> str:
+        """Prefix-cache blocks are shared only between sequences with the same identity."""
+        return self.lora.key if self.lora else "base"
 
     @property
     def last_token(self) -> int:
