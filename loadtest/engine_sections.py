@@ -69,7 +69,7 @@ def merge_section(built: BuiltWorkload, rt: Runtime, prompts: list[list[int]], r
         engine.set_merge_mode(hot, "unmerged")
         wait_merged(engine, None)
     switch = _switch_times(engine, hot)
-    engine.merge_policy.modes.clear()  # the mixes compare default modes; no adapter keeps an admin mode
+    engine.merging.policy.modes.clear()  # the mixes compare default modes; no adapter keeps an admin mode
     rng = random.Random(wl.seed)
     skewed = [(p, hot if rng.random() < 0.9 else lora_for(built, 1 + rng.randrange(8))) for p in prompts]
     uniform = [(p, lora_for(built, i % wl.num_adapters)) for i, p in enumerate(prompts)]
@@ -95,12 +95,12 @@ def _auto_vs_unmerged(engine: LLMEngine, jobs, new_tokens: int, repeats: int) ->
     switches_before = engine.num_merge_switches
     for _ in range(repeats):
         for mode in ("unmerged", "auto"):
-            engine.merge_policy.default_mode = mode
+            engine.merging.policy.default_mode = mode
             if mode == "unmerged":
                 wait_merged(engine, None)
             run = run_burst(engine, jobs, new_tokens)
             runs[mode].append(run["tokens_per_s"])
-    engine.merge_policy.default_mode = "unmerged"
+    engine.merging.policy.default_mode = "unmerged"
     wait_merged(engine, None)
     return {mode: statistics.median(v) for mode, v in runs.items()} | {"switches": engine.num_merge_switches - switches_before}
 
@@ -127,7 +127,7 @@ def cold_load_section(built: BuiltWorkload, rt: Runtime, prompts: list[list[int]
     wl = built.workload
     engine = build_engine(built, rt, max_loras=4, max_cpu_loras=0, max_num_seqs=16)
     load_s: list[float] = []
-    engine.on_adapter_loaded = lambda key, seconds: load_s.append(seconds)
+    engine.residency_control.on_loaded = lambda key, seconds: load_s.append(seconds)
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     for i in range(8):
         engine.add_request(f"bg{i}", prompts[i % len(prompts)][:32], params, None)

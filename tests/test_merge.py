@@ -144,7 +144,7 @@ def test_explicit_modes_override_auto():
 def test_auto_mode_merges_the_adapter_that_dominates_real_traffic(demo_model_dir, setup):
     dirs, prompts, refs = setup
     engine = _engine(demo_model_dir)
-    engine.merge_policy = MergePolicy(window_steps=8, min_dwell_steps=4, default_mode="auto")
+    engine.merging.policy = MergePolicy(window_steps=8, min_dwell_steps=4, default_mode="auto")
     hot, cold = "acme/merge-a", "acme/merge-b"
     requests = {f"{hot}|{i % 3}#{i}": (prompts[i % 3], greedy(NUM_NEW), lora(dirs[hot])) for i in range(9)}
     requests[f"{cold}|0#x"] = (prompts[0], greedy(NUM_NEW), lora(dirs[cold]))

@@ -98,7 +98,7 @@ def test_deleting_a_merged_adapter_unmerges_it_and_frees_its_slot(tenant_client,
         time.sleep(0.05)
     stats = tenant_engine.engine.stats()
     assert stats["merged_adapter"] is None and key not in stats["resident_adapters"]
-    assert key not in tenant_engine.engine.merge_policy.modes
+    assert key not in tenant_engine.engine.merging.policy.modes
     again = c.post("/v1/completions", headers=auth("acme"), json={"model": "demo", "prompt": "The cat", "max_tokens": 6,
                                                                  "temperature": 0, "ignore_eos": True}).json()
     assert again["choices"][0]["text"] == base["choices"][0]["text"]

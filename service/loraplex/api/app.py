@@ -106,7 +106,7 @@ async def _merge_at_start(settings: Settings, engine: AsyncEngine, registry) -> 
         from loraplex.registry.auth import Principal
 
         lora = await asyncio.to_thread(registry.lora_request, Principal(tenant=None, is_admin=True), settings.merged_adapter)
-        if not await engine.call(lambda e: e.set_merge_mode(lora, "merged")):
+        if not await engine.set_merge_mode(lora, "merged"):
             raise RuntimeError(f"cannot merge {settings.merged_adapter}: no adapter slot")
         log.info("serving %s merged", settings.merged_adapter)
 
@@ -121,7 +121,7 @@ def _on_registry_change(engine: AsyncEngine, registry, event) -> None:
         registry.forget(event["tenant"], event["name"])  # a new version or a delete: re-resolve
         if event.get("op") == "delete":
             adapter_id = f"{event['tenant']}/{event['name']}"
-            engine.submit(lambda e: e.evict_versions_of(adapter_id))
+            engine.forget_adapter(adapter_id)
 
 
 async def _start_fine_tuning(app: FastAPI) -> asyncio.Task:

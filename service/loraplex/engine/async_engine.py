@@ -7,15 +7,45 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from loraplex.engine.errors import EngineNotRunningError
-from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.llm_engine import AdapterState, LLMEngine
+from loraplex.engine.merge_policy import MergeMode
 from loraplex.engine.types import LoraRequest, RequestOutput, SamplingParams
 from loraplex.engine.waiting_room import WaitingRoom
 
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
+
+
+# --- commands: what the event loop sends the engine thread ------------------------------------
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora: LoraRequest | None
+    tenant: str
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """Run fn(engine) between steps and resolve the future with its result."""
+
+    fn: Callable[[LLMEngine], object]
+    future: Future
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do but look again (an adapter load finished, or shutdown)."""
 
 
 class AsyncEngine:
@@ -35,10 +65,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._is_stopping = threading.Event()
         self._last_stats: dict = engine.stats()
-        engine.on_wake = lambda: self._inbox.put(("wake", None))
+        engine.residency_control.on_wake = lambda: self._inbox.put(Wake())
         # Observers (metrics) called on the engine thread: keep them cheap and non-blocking.
         self.finish_listeners: list = []  # fn(RequestOutput) for every finished request
-        engine.on_adapter_loaded = self._adapter_loaded
+        engine.residency_control.on_loaded = self._adapter_loaded
         self.load_listeners: list = []  # fn(adapter key, seconds)
 
     @property
@@ -52,7 +82,7 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self._is_stopping.set()
-        self._inbox.put(("wake", None))
+        self._inbox.put(Wake())
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.engine.shutdown()
@@ -68,7 +98,7 @@ class AsyncEngine:
             raise EngineNotRunningError("the engine is not running")
         self.engine.validate(prompt_token_ids, params)
         stream = self._open_stream(request_id, tenant)
-        self._inbox.put(("add", (request_id, prompt_token_ids, params, lora, tenant)))
+        self._inbox.put(AddRequest(request_id, prompt_token_ids, params, lora, tenant))
         is_finished = False
         try:
             while True:
@@ -88,18 +118,37 @@ class AsyncEngine:
                 self._waiting_room.leave(tenant)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
 
-    async def call(self, fn: Callable[[LLMEngine], object]):
-        """Run fn(engine) on the engine thread between steps (admin: pin, load, evict, residency)."""
+    # --- adapters (admin): typed, each runs on the engine thread between steps ----------------
+    async def adapter_state(self, key: str) -> AdapterState:
+        return await self._call(lambda e: e.adapter_state(key))
+
+    async def set_pinned(self, lora: LoraRequest, is_pinned: bool) -> bool:
+        return await self._call(lambda e: e.set_pinned(lora, is_pinned))
+
+    async def load_adapter(self, lora: LoraRequest) -> bool:
+        return await self._call(lambda e: e.ensure_resident(lora))
+
+    async def evict_adapter(self, key: str) -> bool:
+        return await self._call(lambda e: e.evict(key))
+
+    async def set_merge_mode(self, lora: LoraRequest, mode: MergeMode) -> bool:
+        return await self._call(lambda e: e.set_merge_mode(lora, mode))
+
+    def forget_adapter(self, adapter_id: str) -> Future:
+        """Thread-safe, non-blocking (the registry's change feed calls it): after a delete, drop idle
+        cached versions of `<tenant>/<name>` and their prefix-cache blocks."""
+        return self._submit(lambda e: e.evict_versions_of(adapter_id))
+
+    async def _call(self, fn: Callable[[LLMEngine], object]):
         if not self.is_ready:
             raise EngineNotRunningError("the engine is not running")
-        return await asyncio.wrap_future(self.submit(fn))
+        return await asyncio.wrap_future(self._submit(fn))
 
-    def submit(self, fn: Callable[[LLMEngine], object]) -> Future:
-        """Thread-safe, non-blocking: queue fn(engine) for the engine thread."""
+    def _submit(self, fn: Callable[[LLMEngine], object]) -> Future:
         future: Future = Future()
-        self._inbox.put(("call", (fn, future)))
+        self._inbox.put(EngineCall(fn, future))
         return future
 
     def _open_stream(self, request_id: str, tenant: str) -> asyncio.Queue:
@@ -141,22 +190,19 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _apply(self, command) -> None:
-        kind, payload = command
-        if kind == "add":
-            request_id, prompt_ids, params, lora, tenant = payload
-            if request_id in self._streams:  # skip requests whose caller already left
-                self.engine.add_request(request_id, prompt_ids, params, lora, tenant)
-        elif kind == "call":
-            fn, future = payload
+    def _apply(self, command: AddRequest | AbortRequest | EngineCall | Wake) -> None:
+        if isinstance(command, AddRequest):
+            if command.request_id in self._streams:  # skip requests whose caller already left
+                self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.lora, command.tenant)
+        elif isinstance(command, EngineCall):
             try:
-                future.set_result(fn(self.engine))
+                command.future.set_result(command.fn(self.engine))
             except Exception as exc:
-                future.set_exception(exc)
-        elif kind == "abort":
-            output = self.engine.abort(payload)
+                command.future.set_exception(exc)
+        elif isinstance(command, AbortRequest):
+            output = self.engine.abort(command.request_id)
             if output is not None:
-                self._deliver([(payload, output)])
+                self._deliver([(command.request_id, output)])
 
     def _fail_all(self, exc: Exception) -> list:
         failed = []

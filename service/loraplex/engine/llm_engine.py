@@ -2,23 +2,22 @@
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+from loraplex.engine.adapter_residency import AdapterResidency
 from loraplex.engine.adapter_slots import AdapterSlots
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
-from loraplex.engine.errors import AdapterError, InvalidRequestError, PromptTooLongError
-from loraplex.engine.host_cache import HostLoraCache
+from loraplex.engine.errors import InvalidRequestError, PromptTooLongError
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.kv_cache import KVCache, bytes_per_token, kv_budget_bytes, num_blocks_for
 from loraplex.engine.lora_pool import LoraPool
-from loraplex.engine.lora_weights import HostLora, read_adapter
 from loraplex.engine.merge import MergeManager
-from loraplex.engine.merge_policy import MergeMode, MergePolicy
+from loraplex.engine.merge_control import MergeControl
+from loraplex.engine.merge_policy import MergeMode
 from loraplex.engine.model import LlamaForServing
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.sampler import Sampler, SamplerOutput
@@ -32,6 +31,13 @@ log = logging.getLogger(__name__)
 StepResult = tuple[str, "RequestOutput | Exception"]
 
 
+@dataclass(frozen=True)
+class AdapterState:
+    residency: str  # merged | device | loading | host | storage
+    is_pinned: bool
+    merge_mode: str  # merged | unmerged | auto
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LlamaForServing, tokenizer):
         self.config, self.model, self.tokenizer = config, model, tokenizer
@@ -43,25 +49,18 @@ class LLMEngine:
         # slots: 0 = base (zeros), 1..max_loras = adapters, max_loras + 1 = merge compensation
         self.lora_pool = LoraPool(model, config.max_loras + 2, config.max_lora_rank, list(config.lora_target_modules))
         self.slots = AdapterSlots(config.max_loras)
+        self.residency_control = AdapterResidency(self.lora_pool, self.slots, config.max_cpu_loras,
+                                                  config.max_lora_rank, config.torch_dtype)
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
         self.merge = MergeManager(self.lora_pool, compensation_slot=config.max_loras + 1)
-        self.merge_policy = MergePolicy(default_mode=config.default_merge_mode)
-        self.merged_key: str | None = None
-        self.num_merge_switches = 0
+        self.merging = MergeControl(self.merge, self.slots, self.residency_control.pinned_keys, config.default_merge_mode)
         self.vocab_size = mc.vocab_size
         self.eos_token_ids = _eos_ids(tokenizer, model) | set(config.extra_eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
         sampler = Sampler(self.device, self.grammars, self.eos_token_ids)
         self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device, sampler)
-        self.completed_loads: queue.SimpleQueue = queue.SimpleQueue()
-        self.host_cache = HostLoraCache(config.max_cpu_loras)
-        self.pinned_keys: set[str] = set()
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-loader")
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
-        self.on_wake = lambda: None  # called from the loader thread when a load completes
-        self.on_adapter_loaded = lambda key, seconds: None  # called on the engine thread
-        self.num_adapter_loads = 0
 
     # --- requests -------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -103,10 +102,10 @@ class LLMEngine:
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[StepResult]:
         results = self._apply_completed_loads()
-        self._apply_merge_policy()
+        self.merging.apply()
         batch = self.scheduler.schedule()
         for lora, slot in batch.adapter_loads:
-            self._start_load(lora, slot)
+            self.residency_control.start_load(lora, slot)
         if batch.is_empty:
             return results
         sampled, prompt_logprobs = self.runner.run(batch)
@@ -114,7 +113,7 @@ class LLMEngine:
             seq = self._seqs[request_id]
             seq.prompt_logprobs = (seq.prompt_logprobs or []) + entries
         self.scheduler.update_computed(batch)
-        self.merge_policy.observe(_tokens_by_adapter(batch))
+        self.merging.policy.observe(_tokens_by_adapter(batch))
         return results + self._postprocess(batch, sampled)
 
     def _postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[StepResult]:
@@ -166,133 +165,56 @@ class LLMEngine:
             del self._seqs[seq.request_id]
         return output
 
-    # --- adapters --------------------------------------------------------------------------
-    def _start_load(self, lora: LoraRequest, slot: int) -> None:
-        started = time.monotonic()
-        future = self._loader.submit(self._read_adapter, lora)
-        future.add_done_callback(lambda f: (self.completed_loads.put((lora.key, slot, f, started)), self.on_wake()))
-
-    def _read_adapter(self, lora: LoraRequest) -> HostLora:
-        """Loader thread: the host tier if it has this version, else storage (then cached on the host)."""
-        host = self.host_cache.get(lora.key)
-        if host is None:
-            host = read_adapter(lora.key, lora.path, self.config.max_lora_rank,
-                                self.lora_pool.module_shapes, self.config.torch_dtype)
-            self.host_cache.put(host)
-        return host
-
-    # --- residency control (admin) ---------------------------------------------------------------
+    # --- adapters (admin): residency and merge control do the work ---------------------------
     def ensure_resident(self, lora: LoraRequest) -> bool:
-        """Start loading `lora` into a device slot if it is not there. False if no slot can be freed."""
-        if self.slots.slot_of(lora.key) is not None:
-            return True
-        if not self.slots.can_load():
-            return False
-        slot, _ = self.slots.load(lora.key)
-        self._start_load(lora, slot)
-        return True
+        return self.residency_control.ensure_resident(lora)
 
     def set_pinned(self, lora: LoraRequest, is_pinned: bool) -> bool:
-        """Pinned adapters are loaded now and never evicted. False if no slot can be freed for it."""
-        if not is_pinned:
-            self.pinned_keys.discard(lora.key)
-            if self.slots.slot_of(lora.key) is not None:
-                self.slots.pin(lora.key, False)
-            return True
-        if not self.ensure_resident(lora):
-            return False
-        self.pinned_keys.add(lora.key)
-        self.slots.pin(lora.key, True)
-        return True
+        return self.residency_control.set_pinned(lora, is_pinned)
 
     def evict(self, key: str) -> bool:
-        """Drop an idle adapter from its device slot and the host tier. False while requests use it."""
-        state = self.slots.slot_of(key)
-        if key == self.merged_key or (state is not None and (state.num_refs or not state.is_ready)):
-            return False
-        self.pinned_keys.discard(key)
-        self.host_cache.discard(key)
-        if state is not None:
-            self.lora_pool.clear(self.slots.drop(key))
-        return True
-
-    def drop_cached_blocks(self, adapter_id: str) -> int:
-        """After a delete: forget every prefix-cache block computed with any version of `<tenant>/<name>`."""
-        return self.blocks.drop_identity(adapter_id + "@")
+        """Drop an idle, unmerged adapter from its device slot and the host tier."""
+        return key != self.merged_key and self.residency_control.evict(key)
 
     def evict_versions_of(self, adapter_id: str) -> None:
-        """After a delete elsewhere: drop idle cached versions of `<tenant>/<name>` (busy ones finish first)."""
+        """After a delete elsewhere: unmerge it, drop idle cached versions of `<tenant>/<name>` (busy ones
+        finish first) and every prefix-cache block computed with any of its versions."""
         prefix = adapter_id + "@"
-        merged = self.merged_key
-        if merged is not None and merged.startswith(prefix):  # else it would stay merged (and pinned) for good
-            self.merge_policy.modes[merged] = "unmerged"  # its running requests finish unmerged
-            self._apply_merge_policy()
-        for key in [k for k in self.merge_policy.modes if k.startswith(prefix)]:
-            del self.merge_policy.modes[key]
-        for key in set(self.slots.resident_keys()) | set(self.host_cache.keys()):
+        self.merging.forget_versions(prefix)
+        for key in self.residency_control.cached_keys():
             if key.startswith(prefix):
                 self.evict(key)
-        self.drop_cached_blocks(adapter_id)
+        self.blocks.drop_identity(prefix)
 
-    # --- merged serving ------------------------------------------------------------------------
     def set_merge_mode(self, lora: LoraRequest, mode: MergeMode) -> bool:
         """merged: merge now (one adapter at a time), unmerged: never, auto: when it dominates traffic."""
-        modes = self.merge_policy.modes
-        if mode == "merged":
-            for key in [k for k, m in modes.items() if m == "merged"]:
-                modes[key] = "unmerged"
-            if not self.ensure_resident(lora):
-                return False
-        modes[lora.key] = mode
-        self._apply_merge_policy()
+        if mode == "merged" and not self.residency_control.ensure_resident(lora):
+            return False
+        self.merging.set_mode(lora.key, mode)
         return True
 
     def merge_mode(self, key: str) -> str:
-        return self.merge_policy.mode_of(key)
+        return self.merging.mode_of(key)
 
-    def _apply_merge_policy(self) -> None:
-        desired = self.merge_policy.desired(self.merged_key)
-        if desired == self.merged_key or (desired is not None and not self.slots.is_ready(desired)):
-            return
-        seconds = 0.0
-        if self.merged_key is not None:
-            self.merge.unmerge()
-            seconds += self.merge.last_switch_s
-            if self.slots.slot_of(self.merged_key) is not None:
-                self.slots.pin(self.merged_key, self.merged_key in self.pinned_keys)
-        if desired is not None:
-            self.merge.merge(self.slots.slot_of(desired).index)
-            seconds += self.merge.last_switch_s
-            self.slots.pin(desired, True)  # a merged adapter's slot must not be reused
-        log.info("merge switch", extra={"unmerged": self.merged_key, "merged": desired, "seconds": round(seconds, 4)})
-        self.merged_key = desired
-        self.num_merge_switches += 1
-        self.merge_policy.switched()
+    def adapter_state(self, key: str) -> AdapterState:
+        residency = "merged" if key == self.merged_key else self.residency_control.residency(key)
+        return AdapterState(residency, key in self.residency_control.pinned_keys, self.merging.mode_of(key))
 
     def residency(self, key: str) -> str:
-        """device | loading | host | storage"""
-        state = self.slots.slot_of(key)
-        if key == self.merged_key:
-            return "merged"
-        if state is not None:
-            return "device" if state.is_ready else "loading"
-        return "host" if self.host_cache.get(key) is not None else "storage"
+        """merged | device | loading | host | storage"""
+        return self.adapter_state(key).residency
+
+    @property
+    def merged_key(self) -> str | None:
+        return self.merging.merged_key
+
+    @property
+    def num_merge_switches(self) -> int:
+        return self.merging.num_switches
 
     def _apply_completed_loads(self) -> list[StepResult]:
         results = []
-        while not self.completed_loads.empty():
-            key, slot, future, started = self.completed_loads.get()
-            error = future.exception()
-            if error is None:
-                self.lora_pool.write(slot, future.result())
-                self.slots.mark_ready(key)
-                self.num_adapter_loads += 1
-                self.on_adapter_loaded(key, time.monotonic() - started)
-                continue
-            log.warning("adapter %s failed to load: %s", key, error)
-            self.slots.drop(key)
-            if not isinstance(error, AdapterError):
-                error = AdapterError(f"adapter could not be loaded: {error}")
+        for key, error in self.residency_control.apply_completed_loads():
             for seq in self.scheduler.fail_waiting_for(key):
                 del self._seqs[seq.request_id]
                 results.append((seq.request_id, error))
@@ -313,13 +235,13 @@ class LLMEngine:
             "prefix_cache_queries": blocks.num_cache_queries,
             "prefix_cache_hits": blocks.num_cache_hits,
             "resident_adapters": self.slots.resident_keys(),
-            "host_adapters": self.host_cache.keys(),
-            "pinned_adapters": sorted(self.pinned_keys),
+            "host_adapters": self.residency_control.host_cache.keys(),
+            "pinned_adapters": sorted(self.residency_control.pinned_keys),
             "running_adapters": sorted({s.lora_key for s in running if s.lora_key}),
             "waiting_adapters": sorted({s.lora_key for s in list(self.scheduler.waiting) if s.lora_key}),
             "max_loras": self.config.max_loras,
             "max_num_seqs": self.config.max_num_seqs,
-            "num_adapter_loads": self.num_adapter_loads,
+            "num_adapter_loads": self.residency_control.num_loads,
             "num_adapter_evictions": self.slots.num_evictions,
             "merged_adapter": self.merged_key,
             "num_merge_switches": self.num_merge_switches,
@@ -327,7 +249,7 @@ class LLMEngine:
         }
 
     def shutdown(self) -> None:
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self.residency_control.shutdown()
 
 
 def _tokens_by_adapter(batch: ScheduledBatch) -> Counter:
@@ -364,7 +286,8 @@ def _eos_ids(tokenizer, model) -> set[int]:
 
 def _request_metrics(seq: Sequence) -> dict[str, float]:
     now = time.monotonic()
-    metrics = {"e2e_s": now - seq.arrival_time}
+    metrics = {"e2e_s": now - seq.arrival_time, "num_cached_tokens": seq.num_cached_tokens,
+               "num_preemptions": seq.num_preemptions}
     if seq.scheduled_time is not None:
         metrics["queue_s"] = seq.scheduled_time - seq.arrival_time
     if seq.first_token_time is not None:

@@ -60,5 +60,5 @@ async def get_adapter(adapter_id: str, engine: EngineDep, registry: RegistryDep,
 @router.delete("/v1/adapters/{adapter_id:path}", response_model=AdapterDeleted)
 async def delete_adapter(adapter_id: str, engine: EngineDep, registry: RegistryDep, principal: PrincipalDep) -> AdapterDeleted:
     record = await asyncio.to_thread(registry.delete, principal, adapter_id)
-    engine.submit(lambda e: e.evict_versions_of(record.id))  # idle copies go now; running requests finish
+    engine.forget_adapter(record.id)  # idle copies and cached blocks go now; running requests finish
     return AdapterDeleted(id=record.id)

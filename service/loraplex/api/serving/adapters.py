@@ -8,6 +8,7 @@ from fastapi import UploadFile
 from loraplex.api.errors import InvalidParameter, PayloadTooLarge, ServiceUnavailable
 from loraplex.api.schemas.adapters import AdapterPublic, AdaptersPublic
 from loraplex.engine.async_engine import AsyncEngine
+from loraplex.engine.types import LoraRequest
 from loraplex.registry.auth import Principal
 from loraplex.registry.errors import Forbidden
 from loraplex.registry.service import CONFIG_FILE, WEIGHTS_FILE, AdapterRegistry
@@ -41,12 +42,12 @@ async def read_upload(files: list[UploadFile], max_bytes: int) -> tuple[dict[str
 
 async def to_public(engine: AsyncEngine, record: AdapterVersion) -> AdapterPublic:
     key = record.lora_key
-    residency, pinned, mode = await engine.call(lambda e: (e.residency(key), key in e.pinned_keys, e.merge_mode(key)))
+    state = await engine.adapter_state(key)
     return AdapterPublic(
         id=record.id, versioned_id=record.versioned_id, tenant=record.tenant, name=record.name,
         version=record.version, rank=record.rank, alpha=record.alpha, target_modules=list(record.target_modules),
         size_bytes=record.size_bytes, sha256=record.sha256, created_at=record.created_at, shared=record.shared,
-        residency=residency, pinned=pinned, merge_mode=mode,
+        residency=state.residency, pinned=state.is_pinned, merge_mode=state.merge_mode,
     )
 
 
@@ -64,15 +65,18 @@ async def admin_action(engine: AsyncEngine, registry: AdapterRegistry, principal
         raise Forbidden(f"{action} is an admin action")
     record = await asyncio.to_thread(registry.resolve, principal, adapter_id)
     lora = record.lora_request()
-    actions = {
-        **{mode: (lambda e, m=mode: e.set_merge_mode(lora, m)) for mode in ("merged", "unmerged", "auto")},
-        "pin": lambda e: e.set_pinned(lora, True),
-        "unpin": lambda e: e.set_pinned(lora, False),
-        "load": lambda e: e.ensure_resident(lora),
-        "evict": lambda e: e.evict(lora.key),
-    }
-    if not await engine.call(actions[action]):
+    if not await _apply_action(engine, lora, action):
         reason = "requests are using it" if action == "evict" else "every device slot is pinned or in use"
         raise ServiceUnavailable(f"cannot {action} {adapter_id} now: {reason}", headers={"Retry-After": "1"},
                                  code="adapter_busy")
     return await to_public(engine, record)
+
+
+async def _apply_action(engine: AsyncEngine, lora: LoraRequest, action: str) -> bool:
+    if action in ("merged", "unmerged", "auto"):
+        return await engine.set_merge_mode(lora, action)
+    if action in ("pin", "unpin"):
+        return await engine.set_pinned(lora, action == "pin")
+    if action == "load":
+        return await engine.load_adapter(lora)
+    return await engine.evict_adapter(lora.key)
