@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from tests.conftest import has_cuda
 from tests.engine_helpers import build_llm_engine, greedy, peft_reference, run_to_completion, step_until_idle
 
 NUM_NEW = 12
@@ -82,3 +83,14 @@ def test_preemption_under_a_small_kv_budget_finishes_every_request_exactly(demo_
     assert engine.stats()["num_preemptions"] == engine.scheduler.num_preemptions
     assert [tokens[f"r{i}"] for i in range(6)] == peft_reference(demo_model_dir, None, prompts, 24)
     assert engine.blocks.num_used == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda(), reason="needs CUDA")
+def test_cuda_chunked_and_cached_prompts_match_the_fp32_reference(demo_model_dir, long_prompts, long_references):
+    engine = build_llm_engine(demo_model_dir, device="cuda", dtype="float32", max_loras=2, max_lora_rank=8,
+                              max_model_len=192, max_num_batched_tokens=32, kv_block_size=16)
+    for _ in range(2):  # the second pass reads its prefixes from the cache
+        tokens = run_to_completion(engine, {f"r{i}": (p, greedy(NUM_NEW), None) for i, p in enumerate(long_prompts)})
+        assert [tokens[f"r{i}"] for i in range(3)] == long_references
+    assert engine.blocks.num_cache_hits > 0
