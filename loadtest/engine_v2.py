@@ -3,9 +3,9 @@
     python loadtest/engine_v2.py            # all three (a few minutes on a 2-core CPU)
     python loadtest/engine_v2.py --quick    # smaller counts: a smoke test
 
-Model: Llama-shaped, random weights (hidden 384, 8 layers, 6 heads / 2 KV heads, ffn 1024, vocab 1024),
+Model: Llama-shaped, random weights (hidden 256, 4 layers, 4 heads / 2 KV heads, ffn 688, vocab 1024),
 8 adapters r=8 on q,v. In-process on one LLMEngine (the features are the engine's; no HTTP noise).
-Runs alternate (caching off, on, off, on) and medians are kept. Prints a table with the targets and
+Runs alternate (caching off, on, ...) `--repeats` times and medians are kept. Prints a table with the targets and
 writes <out>/engine_v2.json; exits 1 if a target is missed.
 """
 from __future__ import annotations
@@ -31,15 +31,15 @@ from loadtest import workload  # noqa: E402
 from loadtest.runtime import pick_runtime  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHAPE = workload.ModelShape(hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
-                            num_attention_heads=6, num_key_value_heads=2, vocab_size=1024)
+SHAPE = workload.ModelShape(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
 TARGETS = {"a_ttft": 4.0, "a_throughput": 1.5, "b_gap_share": 0.35, "c_running": 4.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer requests and repeats (smoke test)")
-    p.add_argument("--repeats", type=int, default=2, help="alternating (off, on) pairs for (a)")
+    p.add_argument("--repeats", type=int, default=1, help="alternating (off, on) pairs for (a)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--only", default="abc", help="which sections to run, e.g. 'ab'")
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".data" / "bench")
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     rt = pick_runtime(args.device)
     wl = replace(workload.Workload(), shape=SHAPE, num_adapters=8, num_requests=1)
     built = workload.build(wl, args.work_dir)
-    factory = sections.EngineFactory(built, rt.device.type, rt.dtype_name, max_model_len=2304)
+    factory = sections.EngineFactory(built, rt.device.type, rt.dtype_name, max_model_len=2048)
     results = {"setup": rt.setup() | {"load_average_start": os.getloadavg()}, "model": {"num_params": built.num_params, "shape": SHAPE.tag}}
     if "a" in args.only:
         results["a_shared_prefix"] = shared_prefix(factory, args)

@@ -33,7 +33,14 @@ class EngineFactory:
                             max_lora_rank=self.built.workload.lora_rank, max_model_len=self.max_model_len, **limits)
 
     def engine(self, **limits) -> LLMEngine:
+        """A fresh engine; its KV pool holds 40 full-length sequences unless `kv_cache_bytes` is given."""
+        limits.setdefault("kv_cache_bytes", 40 * self.max_model_len * self.token_bytes())
         return LLMEngine(self.config(**limits), self.model, self.tokenizer)
+
+    def token_bytes(self) -> int:
+        mc = self.model.config
+        num_kv = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        return bytes_per_token(mc.num_hidden_layers, num_kv, self.model.head_dim, self.config().torch_dtype)
 
     def lora(self, i: int) -> LoraRequest:
         name = self.built.workload.adapter_name(i)
@@ -147,10 +154,7 @@ def _finish(engine: LLMEngine, request_id: str) -> list[int]:
 
 # --- (c) memory -----------------------------------------------------------------------------------
 def memory_run(factory: EngineFactory, num_requests=192, static_rows=32, static_len=1024, new_tokens=64) -> dict:
-    mc = factory.model.config
-    num_kv = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-    config = factory.config()
-    budget = static_rows * static_len * bytes_per_token(mc.num_hidden_layers, num_kv, factory.model.head_dim, config.torch_dtype)
+    budget = static_rows * static_len * factory.token_bytes()
     engine = factory.engine(kv_cache_bytes=budget, max_num_seqs=256, max_num_batched_tokens=4096)
     rng = random.Random(3)
     for i in range(num_requests):
