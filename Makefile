@@ -11,6 +11,8 @@ help:
 	@echo "make test-slow  tests marked slow"
 	@echo "make fuzz       long schemathesis fuzz of every API operation (FUZZ_EXAMPLES=200 per operation and mode)"
 	@echo "make bench      load test (loadtest/bench.py)"
+	@echo "make bench-engine  engine v2 benchmarks: prefix caching, chunked prefill, KV capacity"
+	@echo "make gpu-check  on a GPU machine: cuda tests + benchmarks in bf16 (scripts/gpu_check.sh)"
 	@echo "make loadtest   locust sweep: throughput and latency vs concurrency (docs/loadtest.json, .png)"
 	@echo "make soak       1000 adapter lifecycles + 10 min mixed load, server RSS/fds sampled (docs/soak.json)"
 
@@ -43,6 +45,15 @@ fuzz: setup
 
 bench: setup
 	$(PY) loadtest/bench.py
+
+# Engine v2: prefix caching, chunked prefill, paged-KV capacity (in-process); ARGS e.g. "--only a --repeats 2".
+.PHONY: bench-engine gpu-check
+bench-engine: setup
+	$(PY) loadtest/engine_v2.py $(ARGS)
+
+# On a machine with a GPU: the cuda tests and the benchmarks in bf16 (under 8 minutes).
+gpu-check: setup
+	bash scripts/gpu_check.sh
 
 # LOADTEST_* env vars shape the mix (loadtest/mix.py); ARGS for the runner, e.g. ARGS="--levels 1,4 --duration 20".
 loadtest: setup

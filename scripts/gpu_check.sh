@@ -4,7 +4,7 @@
 # Results: loadtest/results/gpu/{bench.json,engine_v2.json} and the pytest summary on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+PY=${PY:-.venv/bin/python}  # make gpu-check runs this
 OUT=loadtest/results/gpu
 mkdir -p "$OUT"
 "$PY" -c 'import torch, sys; ok = torch.cuda.is_available(); print("cuda:", ok, torch.cuda.get_device_name(0) if ok else ""); sys.exit(0 if ok else 1)'

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import random
+import re
 
 from loraplex.engine.types import LoraRequest
 from loraplex.models.demo import make_demo_adapter
+from tests.api_fixtures import completion
 from tests.engine_helpers import build_llm_engine, greedy, peft_reference, step_until_idle
 
 NUM_NEW = 8
@@ -58,3 +60,24 @@ def test_cached_blocks_are_reused_only_within_one_adapter_version(demo_model_dir
     assert engine.blocks.num_used == 0 and engine.blocks.num_free == engine.blocks.num_blocks
     again = _run(engine, {"a#3": (prompt, loras["a"])})
     assert again["a#3"] == (refs["a"], again["a#3"][1]) and again["a#3"][1]["num_cached_tokens"] == 0
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(r"^" + re.escape(name) + r" ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def test_metrics_report_prefix_cache_hits_kv_blocks_and_preemptions(api_client):
+    prompt = [5 + (7 * i) % 900 for i in range(40)]  # 2 full blocks of 16 can be reused
+    before = api_client.get("/metrics").text
+    for _ in range(2):
+        completion(api_client, prompt=prompt, max_tokens=2)
+    after = api_client.get("/metrics").text
+    hits = _metric(after, "vllm:prefix_cache_hits_total") - _metric(before, "vllm:prefix_cache_hits_total")
+    queries = _metric(after, "vllm:prefix_cache_queries_total") - _metric(before, "vllm:prefix_cache_queries_total")
+    assert hits >= 32 and queries >= 80
+    assert _metric(after, "vllm:num_preemptions_total") >= 0
+    assert _metric(after, "loraplex_kv_cache_blocks") > 0
+    assert _metric(after, "loraplex_max_num_running") >= 1
+    assert 0 <= _metric(after, "vllm:kv_cache_usage_perc") <= 1
