@@ -43,7 +43,7 @@ QA_PROMPT = "Q{}: What color is the sky? A:"
 
 
 def _settings(data_dir: Path, **overrides) -> Settings:
-    base = dict(model=str(STORIES), data_dir=data_dir, device="cpu", dtype="float32", max_batch_size=8, max_loras=2,
+    base = dict(model=str(STORIES), data_dir=data_dir, device="cpu", dtype="float32", max_num_seqs=8, max_loras=2,
                 max_lora_rank=8, api_keys="key-acme:acme", log_format="text", log_level="warning",
                 worker_heartbeat_s=0.5, job_stale_after_s=30)
     return Settings(**{**base, **overrides})
