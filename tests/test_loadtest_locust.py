@@ -67,7 +67,7 @@ def test_locust_mix_runs_without_failures_over_many_adapters(keyed_server, demo_
     assert int(rows[("TTFT", "chat stream")]["Request Count"]) > 0  # TTFT is its own locust entry
     assert int(rows[("", "Aggregated")]["Failure Count"]) == 0
 
-    metrics = httpx.get(f"{keyed_server.url}/metrics").text  # the server saw the adapters too
+    metrics = httpx.get(f"{keyed_server.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text  # the server saw the adapters too
     loads = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("loraplex_adapter_loads_total"))
     assert loads >= 3
 

@@ -26,6 +26,7 @@ OVERLAYS = ["cpu", "gpu", "gpu-keda"]
 GPU_OVERLAYS = {"gpu", "gpu-keda"}
 NAMESPACE = "loraplex"
 SERVER_PORT = 8000
+METRICS_PORT = 9464  # LORAPLEX_METRICS_PORT: /metrics only, never on the public Service
 APP_UID = 10001
 # Oldest Kubernetes we support and the newest schema kubernetes-validate ships.
 K8S_VERSIONS = ["1.29.0", "latest"]
@@ -34,9 +35,9 @@ CRD_KINDS = {"ServiceMonitor", "ScaledObject", "InferencePool", "InferenceModel"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
 # The server's metric contract (what the endpoint picker and the autoscalers read).
 PICKER_METRICS = {
-    "-totalQueuedRequestsMetric": "vllm:num_requests_waiting",
-    "-kvCacheUsagePercentageMetric": "vllm:gpu_cache_usage_perc",
-    "-loraInfoMetric": "vllm:lora_requests_info",
+    "--total-queued-requests-metric": "vllm:num_requests_waiting",
+    "--kv-cache-usage-percentage-metric": "vllm:gpu_cache_usage_perc",
+    "--lora-info-metric": "vllm:lora_requests_info",
 }
 QUEUE_METRIC = "loraplex_num_requests_waiting"
 # Settings the deploy contract names before service/loraplex/config.py declares them.
@@ -196,7 +197,7 @@ def test_every_object_lands_in_the_namespace(overlay) -> None:
 def check_server(docs: list[dict]) -> None:
     srv = container(server(docs), "server")
     assert srv["args"] == ["loraplex", "serve", "--host", "0.0.0.0"]
-    assert {p["name"]: p["containerPort"] for p in srv["ports"]} == {"http": SERVER_PORT}
+    assert {p["name"]: p["containerPort"] for p in srv["ports"]} == {"http": SERVER_PORT, "metrics": METRICS_PORT}
     probes = {p: srv[p]["httpGet"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert {p: g["path"] for p, g in probes.items()} == {
         "startupProbe": "/startupz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
@@ -297,27 +298,40 @@ def check_gpu(docs: list[dict], expect_gpu: bool) -> None:
     assert device == ("cuda" if expect_gpu else "cpu")
 
 
+def check_metrics_port(docs: list[dict]) -> None:
+    """/metrics names every tenant's adapters: served on its own port, which the public Service leaves out."""
+    config = index(docs)[("ConfigMap", "loraplex-config")]["data"]
+    assert int(config["LORAPLEX_METRICS_PORT"]) == METRICS_PORT
+    public = index(docs)[("Service", "loraplex-server")]
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"]
+    annotations = server(docs)["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == METRICS_PORT
+
+
 def check_crds(docs: list[dict]) -> None:
-    idx, server_svc = index(docs), index(docs)[("Service", "loraplex-server")]
+    idx = index(docs)
     server_labels = server(docs)["spec"]["template"]["metadata"]["labels"]
     for mon in of_kind(docs, "ServiceMonitor"):
         assert mon["apiVersion"] == "monitoring.coreos.com/v1"
-        assert selects(mon["spec"]["selector"]["matchLabels"], server_svc["metadata"]["labels"])
-        svc_ports = {p["name"] for p in server_svc["spec"]["ports"]}
-        assert [(e["port"], e["path"]) for e in mon["spec"]["endpoints"]] == [("http", "/metrics")]
-        assert "http" in svc_ports
+        (scraped,) = [s for s in of_kind(docs, "Service") if selects(mon["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+        assert name(scraped) != "loraplex-server" and selects(scraped["spec"]["selector"], server_labels)
+        assert [(p["name"], p["targetPort"]) for p in scraped["spec"]["ports"]] == [("metrics", "metrics")]
+        assert [(e["port"], e["path"]) for e in mon["spec"]["endpoints"]] == [("metrics", "/metrics")]
     for pool in of_kind(docs, "InferencePool"):
-        assert pool["apiVersion"] == "inference.networking.x-k8s.io/v1alpha2"
-        assert selects(pool["spec"]["selector"], server_labels)
-        assert pool["spec"]["targetPortNumber"] == SERVER_PORT
-        epp_svc = idx[("Service", pool["spec"]["extensionRef"]["name"])]
+        assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+        assert selects(pool["spec"]["selector"]["matchLabels"], server_labels)
+        assert [p["number"] for p in pool["spec"]["targetPorts"]] == [SERVER_PORT]
+        picker_ref = pool["spec"]["endpointPickerRef"]
+        epp_svc = idx[("Service", picker_ref["name"])]
         epp_labels = epp_svc["spec"]["selector"]
         epp = next(w for w in workloads(docs) if selects(epp_labels, w["spec"]["template"]["metadata"]["labels"]))
         args = container(epp, "epp")["args"]
         flags = dict(zip(args[::2], args[1::2]))
-        assert flags["-poolName"] == name(pool) and flags["-poolNamespace"] == NAMESPACE
+        assert flags["--pool-name"] == name(pool) and flags["--pool-namespace"] == NAMESPACE
         assert {f: flags[f] for f in PICKER_METRICS} == PICKER_METRICS
-        assert int(flags["-grpcPort"]) in {p["port"] for p in epp_svc["spec"]["ports"]}
+        assert int(flags["--model-server-metrics-port"]) == METRICS_PORT  # the LoRA labels, off the API port
+        assert int(flags["--grpc-port"]) == picker_ref["port"]["number"]
+        assert picker_ref["port"]["number"] in {p["port"] for p in epp_svc["spec"]["ports"]}
     pools = {name(p) for p in of_kind(docs, "InferencePool")}
     for model in of_kind(docs, "InferenceModel"):
         assert model["spec"]["poolRef"]["name"] in pools and model["spec"]["modelName"]
@@ -348,6 +362,10 @@ def test_gpu_only_in_gpu_overlays(overlay) -> None:
 
 def test_crd_objects(overlay) -> None:
     check_crds(overlay[1])
+
+
+def test_metrics_stay_off_the_public_service(overlay) -> None:
+    check_metrics_port(overlay[1])
 
 
 def test_gpu_overlays_route_and_monitor() -> None:
@@ -386,16 +404,17 @@ def test_prometheus_adapter_serves_the_hpa_metric() -> None:
     lambda d: pod_spec(server(d)).update(terminationGracePeriodSeconds=5),
     lambda d: index(d)[("Service", "loraplex-server")]["spec"]["selector"].update(app="other"),
     lambda d: index(d)[("PodDisruptionBudget", "loraplex-server")]["spec"]["selector"]["matchLabels"].update(x="y"),
-    lambda d: of_kind(d, "InferencePool")[0]["spec"].update(targetPortNumber=9000),
+    lambda d: of_kind(d, "InferencePool")[0]["spec"].update(targetPorts=[{"number": 9000}]),
     lambda d: container(server(d), "server")["resources"]["limits"].pop("nvidia.com/gpu"),
     lambda d: container(server(d), "server")["securityContext"].update(readOnlyRootFilesystem=False),
     lambda d: of_kind(d, "HorizontalPodAutoscaler")[0]["spec"]["scaleTargetRef"].update(name="nope"),
-], ids=["probe-path", "grace", "svc-selector", "pdb-selector", "pool-port", "gpu-limit", "ro-root", "hpa-target"])
+    lambda d: index(d)[("Service", "loraplex-server")]["spec"]["ports"].append({"name": "metrics", "port": 9464, "targetPort": "metrics"}),
+], ids=["probe-path", "grace", "svc-selector", "pdb-selector", "pool-port", "gpu-limit", "ro-root", "hpa-target", "public-metrics"])
 def test_checks_catch_broken_manifests(mutate) -> None:
     docs = render(K8S / "overlays" / "gpu")
     mutate(docs)
     with pytest.raises((AssertionError, KeyError, StopIteration)):
-        for check in (check_server, check_references, check_autoscaling, check_security, check_crds):
+        for check in (check_server, check_references, check_autoscaling, check_security, check_crds, check_metrics_port):
             check(docs)
         check_gpu(docs, expect_gpu=True)
 

@@ -199,7 +199,7 @@ def test_admin_sets_merge_mode_and_tokens_stay_the_same(tenant_client, tenant_en
     merged = complete(c, "acme", "acme/fast").json()["choices"][0]["text"]
     base_while_merged = complete(c, "acme", "demo").json()["choices"][0]["text"]
     assert c.get("/v1/adapters/acme/fast", headers=auth("acme")).json()["residency"] == "merged"
-    assert "loraplex_merge_switches_total 1.0" in c.get("/metrics").text
+    assert "loraplex_merge_switches_total 1.0" in c.get("/metrics", headers=auth("admin")).text
     back = c.post("/v1/adapters/acme/fast/mode", headers=auth("admin"), json={"mode": "unmerged"}).json()
     assert back["merge_mode"] == "unmerged" and back["residency"] == "device"
     assert merged == unmerged and base_while_merged == complete(c, "acme", "demo").json()["choices"][0]["text"]

@@ -15,6 +15,7 @@ class Settings(BaseSettings):
     # Server
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve `/metrics` on this port only, with no key (keep it out of the public Service); unset: `/metrics` on `port` needs the admin key or `metrics_token`.")
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
     log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects (with request ids) or plain text.")
     console: bool = Field(True, description="Serve the web console at `/console` (static pages that call the public API with the caller's key); false: 404.")
@@ -55,6 +56,7 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="`key:tenant` pairs, comma-separated. No keys and no admin key = single-tenant dev mode.")
     api_keys_file: Path | None = Field(None, description="File with one `key:tenant` per line (alternative to api_keys).")
     admin_key: str | None = Field(None, description="Bearer key of the admin (pin/unpin/load/evict, shared adapters, every tenant).")
+    metrics_token: str | None = Field(None, description="Bearer token that may read `/metrics` on the main port (a scraper's, instead of the admin key).")
     redis_url: str | None = Field(None, description="Redis for the adapter index and change feed shared by replicas; unset = local index.")
     redis_namespace: str = Field("loraplex", description="Prefix of every Redis key and channel.")
     max_adapter_bytes: int = Field(256 << 20, ge=1024, description="Largest adapter upload (config + weights, or the archive's content).")

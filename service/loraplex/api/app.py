@@ -19,6 +19,7 @@ from loraplex import __version__
 from loraplex.api.errors import install_error_handlers
 from loraplex.api.drain import DrainState
 from loraplex.api.metrics import ServiceMetrics
+from loraplex.api.metrics_access import MetricsPortMiddleware
 from loraplex.api.middleware import (
     BodySizeLimitMiddleware, ControlCharacterPathMiddleware, ObservabilityMiddleware, RequestIdMiddleware,
 )
@@ -56,6 +57,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.metrics.watch_jobs(lambda: app.state.job_store)  # read at scrape time; None until the lifespan opens it
     app.state.drain = DrainState()
     install_error_handlers(app)
+    if settings.metrics_port is not None:
+        app.add_middleware(MetricsPortMiddleware, metrics_port=settings.metrics_port)  # only /metrics there
     app.add_middleware(ControlCharacterPathMiddleware)  # innermost: counted, logged and given a request id
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes,
                        max_bytes_by_path={"/v1/adapters": settings.max_adapter_bytes + MULTIPART_SLACK,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
 import uvicorn
 from fastapi import FastAPI
@@ -55,4 +56,16 @@ def serve(app: FastAPI, settings: Settings, graceful_shutdown_s: float) -> None:
         lifespan="on",  # a failed startup (model load) must stop the server, not be ignored
         timeout_graceful_shutdown=graceful_shutdown_s,
     )
-    asyncio.run(DrainingServer(config, app, settings.drain_grace_s).serve())
+    sockets = None
+    if settings.metrics_port is not None:  # one server, two sockets: the app tells them apart by local port
+        sockets = [config.bind_socket(), _bind(settings.host, settings.metrics_port)]
+    asyncio.run(DrainingServer(config, app, settings.drain_grace_s).serve(sockets=sockets))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplex.api.errors import ServiceUnavailable
+from loraplex.api.metrics_access import METRICS_PATH, authorize_metrics
 
 router = APIRouter(tags=["health"])
 
@@ -37,8 +38,9 @@ async def startupz(request: Request) -> dict[str, str]:
     return {"status": "started"}
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get(METRICS_PATH, include_in_schema=False)
 async def metrics(request: Request) -> Response:
+    authorize_metrics(request)  # it names every tenant's running adapters: see metrics_access.py
     # Off the event loop: collectors read the job store (up to a bounded wait) and the engine's stats.
     body = await asyncio.to_thread(generate_latest, request.app.state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
