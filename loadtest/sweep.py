@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
         locust_setup.ensure_adapters(server.url, mix, model_dir, args.work_dir)
         results_levels = []
         for users in levels:
-            before = _server_samples(server.url)
+            before = _server_samples(server.url, mix.admin_key)
             summary = run_level(server.url, mix, users, args.duration, args.warmup, runs_dir)
-            engine = _engine_view(before, _server_samples(server.url))
+            engine = _engine_view(before, _server_samples(server.url, mix.admin_key))
             results_levels.append({"concurrency": users, **summary, "server_side": engine})
             print(f"{users:>3} users: {summary['requests_per_s']:.1f} req/s, {summary['output_tokens_per_s']:.0f} "
                   f"tok/s, failures {summary['num_failures']}", flush=True)
@@ -120,11 +120,12 @@ ENGINE_HISTOGRAMS = {"queue": "loraplex_request_queue_seconds", "ttft": "loraple
 ENGINE_COUNTERS = {"adapter_loads": "loraplex_adapter_loads_total", "adapter_evictions": "loraplex_adapter_evictions_total"}
 
 
-def _server_samples(url: str) -> dict[str, float]:
-    """Every unlabelled sample of the server's /metrics, by name."""
+def _server_samples(url: str, admin_key: str) -> dict[str, float]:
+    """Every unlabelled sample of the server's /metrics (read with the admin key: it names tenants' adapters), by name."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text)
+    response = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
+    families = text_string_to_metric_families(response.raise_for_status().text)
     return {s.name: s.value for family in families for s in family.samples if not s.labels}
 
 
