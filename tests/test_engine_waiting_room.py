@@ -40,12 +40,12 @@ def fill(room: WaitingRoom, tenant: str, num_running: int = 0) -> int:
 
 
 def test_a_lone_tenant_may_use_the_whole_room():
-    room = WaitingRoom(max_queue=8, max_batch_size=2)
+    room = WaitingRoom(max_queue=8, max_num_seqs=2)
     assert fill(room, "a", num_running=2) == 10  # 2 running + 8 waiting
 
 
 def test_a_newcomer_gets_its_share_of_a_full_room():
-    room = WaitingRoom(max_queue=8, max_batch_size=2)
+    room = WaitingRoom(max_queue=8, max_num_seqs=2)
     fill(room, "a", num_running=2)
     assert fill(room, "b", num_running=2) == 5  # half the capacity of 10
     assert fill(room, "a", num_running=2) == 0  # the flooder is held until the room drains
@@ -54,7 +54,7 @@ def test_a_newcomer_gets_its_share_of_a_full_room():
 
 
 def test_leaving_frees_the_share():
-    room = WaitingRoom(max_queue=4, max_batch_size=0)
+    room = WaitingRoom(max_queue=4, max_num_seqs=0)
     fill(room, "a")
     fill(room, "b")
     for _ in range(room.open_by_tenant["a"]):

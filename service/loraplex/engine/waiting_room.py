@@ -6,7 +6,7 @@ So a request is let in when either
 
 - the room has space (`num_waiting < max_queue`): work-conserving, a lone tenant may use all of it; or
 - its tenant holds fewer open requests (waiting + running) than its fair share of the whole capacity,
-  `(max_batch_size + max_queue) // tenants with open requests` (itself included).
+  `(max_num_seqs + max_queue) // tenants with open requests` (itself included).
 
 A newcomer is therefore always under its share of a full room and gets in, while the tenant that
 filled it is held at its share until its requests drain. Requests let in past a full room number at
@@ -22,9 +22,9 @@ from loraplex.engine.errors import QueueFullError
 
 
 class WaitingRoom:
-    def __init__(self, max_queue: int, max_batch_size: int):
+    def __init__(self, max_queue: int, max_num_seqs: int):
         self.max_queue = max_queue
-        self.capacity = max_batch_size + max_queue  # open requests the engine is sized for
+        self.capacity = max_num_seqs + max_queue  # open requests the engine is sized for (running + waiting)
         self.open_by_tenant: Counter[str] = Counter()
 
     def fair_share(self, tenant: str) -> int:
