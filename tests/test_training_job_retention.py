@@ -48,3 +48,20 @@ def test_creating_a_job_forgets_the_oldest_finished_ones_beyond_the_limit(store)
             store.get(gone)
         assert store.events(gone) == []
     assert store.get(other.id).status == SUCCEEDED and len(store.list(None)) == 4
+
+
+@pytest.mark.redis
+def test_a_resent_event_is_appended_once_in_redis(redis_url):  # noqa: F811
+    """The worker resends an event whose reply it never got (Redis stalled after running the append):
+    the job's events and its loss curve must not show it twice."""
+    from loraplex.training.redis_jobs import RedisJobStore
+
+    store = RedisJobStore(redis_url)
+    try:
+        created = store.create(job("acme"), max_active_per_tenant=5)
+        first, second = make_event("step 1"), make_event("step 2")
+        for event in (first, first, second, first, second):
+            store.add_event(created.id, event)
+        assert [e["id"] for e in store.events(created.id)] == [first["id"], second["id"]]
+    finally:
+        store.close()

@@ -33,11 +33,22 @@ return 1
 """
 
 
+# A retried append whose first reply was lost (Redis stalled after running it) must not add the event twice:
+# the worker's EventBuffer resends what it could not confirm. KEYS: events list, ids set; ARGV: id, JSON.
+_APPEND_EVENT_ONCE = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  return redis.call('RPUSH', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
 class RedisJobStore:
     """Jobs shared by every replica and worker:
 
         <ns>:ftjob:<id>             STRING record JSON (changed with WATCH/MULTI: check-and-set)
         <ns>:ftjob-events:<id>      LIST   event JSON, oldest first
+        <ns>:ftjob-event-ids:<id>   SET    ids of the events in that list (an append happens once)
         <ns>:ftjobs / :ftjobs:<t>   ZSET   ids by creation order (all / per tenant)
         <ns>:ftjob-active:<t>       SET    the tenant's queued + claimed ids (the concurrency limit)
         <ns>:ftjob-queue            LIST   queued ids; a claim RPOPLPUSHes the oldest into...
@@ -80,7 +91,8 @@ class RedisJobStore:
         if old:
             with self._errors("forget old jobs"):
                 pipe = self._redis.pipeline(transaction=False)
-                pipe.delete(*[self._job(i) for i in old], *[f"{self.ns}:ftjob-events:{i}" for i in old])
+                pipe.delete(*[self._job(i) for i in old], *[f"{self.ns}:ftjob-events:{i}" for i in old],
+                            *[f"{self.ns}:ftjob-event-ids:{i}" for i in old])
                 pipe.zrem(f"{self.ns}:ftjobs", *old)
                 pipe.zrem(f"{self.ns}:ftjobs:{tenant}", *old)
                 pipe.execute()
@@ -182,7 +194,8 @@ class RedisJobStore:
 
     def add_event(self, job_id: str, event: dict[str, Any]) -> None:
         with self._errors("add an event"):
-            self._redis.rpush(f"{self.ns}:ftjob-events:{job_id}", json.dumps(event))
+            self._redis.eval(_APPEND_EVENT_ONCE, 2, f"{self.ns}:ftjob-events:{job_id}",
+                             f"{self.ns}:ftjob-event-ids:{job_id}", event["id"], json.dumps(event))
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         with self._errors("read events"):
