@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from loraplex.api.schemas.openai import MAX_CHAT_MESSAGES
-from tests.server_process import ServerProcess
+from tests.server_process import running_server
 
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 MAX_PROMPT_CHARS = 200_000
@@ -32,13 +32,8 @@ def auth(who: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, demo_model_dir):
-    data_dir = tmp_path_factory.mktemp("chat-limit-data")
-    process = ServerProcess(data_dir, data_dir.parent / f"{data_dir.name}.log", model=demo_model_dir, **SERVER_SETTINGS)
-    try:
-        process.wait_ready()
+    with running_server(tmp_path_factory.mktemp("chat-limit-data"), model=demo_model_dir, **SERVER_SETTINGS) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def chat(num_messages: int, content: str = "") -> bytes:

@@ -17,7 +17,7 @@ import pytest
 
 from loraplex.engine.errors import QueueFullError
 from loraplex.engine.waiting_room import WaitingRoom
-from tests.server_process import ServerProcess
+from tests.server_process import running_server
 
 KEYS = {"acme": "key-acme", "globex": "key-globex", "admin": "key-admin"}
 SERVER_SETTINGS = dict(api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
@@ -69,13 +69,8 @@ def auth(who: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, demo_model_dir):
-    data_dir = tmp_path_factory.mktemp("room-data")
-    process = ServerProcess(data_dir, data_dir.parent / f"{data_dir.name}.log", model=demo_model_dir, **SERVER_SETTINGS)
-    try:
-        process.wait_ready()
+    with running_server(tmp_path_factory.mktemp("room-data"), model=demo_model_dir, **SERVER_SETTINGS) as process:
         yield process
-    finally:
-        process.stop()
 
 
 async def open_requests(client: httpx.AsyncClient) -> int:

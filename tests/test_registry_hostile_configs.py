@@ -17,7 +17,7 @@ import pytest
 
 from loraplex.engine.module_patterns import MAX_PATTERN_CHARS, PatternError, PatternTable
 from loraplex.models.demo import make_demo_adapter
-from tests.server_process import ServerProcess
+from tests.server_process import running_server
 
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 SERVER_SETTINGS = dict(api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", max_lora_rank=8,
@@ -46,14 +46,8 @@ def auth(who: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, demo_model_dir):
-    data_dir = tmp_path_factory.mktemp("pattern-data")
-    process = ServerProcess(data_dir, data_dir.parent / f"{data_dir.name}.log", model=demo_model_dir, **SERVER_SETTINGS)
-    process.data_dir = data_dir
-    try:
-        process.wait_ready()
+    with running_server(tmp_path_factory.mktemp("pattern-data"), model=demo_model_dir, **SERVER_SETTINGS) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
