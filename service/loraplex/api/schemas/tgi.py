@@ -96,23 +96,22 @@ class Token(InputToken):
     special: bool = False
 
 
-class BestOfSequence(BaseModel):
+class SequenceDetails(BaseModel):
+    """What TGI reports of one generated sequence: the answer's `details` and each `best_of` candidate."""
+
+    finish_reason: TgiFinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[InputToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] | None = None
+
+
+class BestOfSequence(SequenceDetails):
     generated_text: str
-    finish_reason: TgiFinishReason
-    generated_tokens: int
-    seed: int | None = None
-    prefill: list[InputToken] = Field(default_factory=list)
-    tokens: list[Token] = Field(default_factory=list)
-    top_tokens: list[list[Token]] | None = None
 
 
-class Details(BaseModel):
-    finish_reason: TgiFinishReason
-    generated_tokens: int
-    seed: int | None = None
-    prefill: list[InputToken] = Field(default_factory=list)
-    tokens: list[Token] = Field(default_factory=list)
-    top_tokens: list[list[Token]] | None = None
+class Details(SequenceDetails):
     best_of_sequences: list[BestOfSequence] | None = None
 
 
