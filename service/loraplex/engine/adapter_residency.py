@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from loraplex.engine.adapter_slots import AdapterSlots
+from loraplex.engine.composition import ComposedLora, compose
 from loraplex.engine.errors import AdapterError
 from loraplex.engine.host_cache import HostLoraCache
 from loraplex.engine.lora_pool import LoraPool
@@ -39,10 +40,14 @@ class AdapterResidency:
         future.add_done_callback(lambda f: (self._completed.put((lora.key, slot, f, started)), self.on_wake()))
 
     def _read(self, lora: LoraRequest) -> HostLora:
-        """Loader thread: the host tier if it has this version, else storage (then cached on the host)."""
+        """Loader thread: the host tier if it has this version, else storage (then cached on the host).
+        A composition is built from its components (each read the same way) and cached like them."""
         host = self.host_cache.get(lora.key)
         if host is None:
-            host = read_adapter(lora.key, lora.path, self.max_lora_rank, self.pool.module_shapes, self.dtype)
+            if isinstance(lora, ComposedLora):
+                host = compose(lora, [self._read(c) for c in lora.components], self.max_lora_rank, self.dtype)
+            else:
+                host = read_adapter(lora.key, lora.path, self.max_lora_rank, self.pool.module_shapes, self.dtype)
             self.host_cache.put(host)
         return host
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ class HostLora:
     key: str
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     max_rank: int
+    scales: dict[tuple[int, str], float] = field(default_factory=dict)  # the scale folded into B (composition needs it)
 
     @property
     def num_bytes(self) -> int:
@@ -40,15 +41,16 @@ def read_adapter(key: str, path: str, max_rank: int, shapes: dict[tuple[int, str
     alpha_pattern = _alpha_pattern(config)
     tensors = _read_tensors(directory / "adapter_model.safetensors")
     pairs = _pair_tensors(tensors)
-    weights = {}
+    weights, scales = {}, {}
     for (layer, module), (a, b) in pairs.items():
         _check_shapes(layer, module, a, b, shapes, max_rank)
         name = f"model.layers.{layer}.{'self_attn' if module in ATTN_MODULES else 'mlp'}.{module}"
         scale = _scaling(config, alpha_pattern, name, rank=a.shape[0])
         weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        scales[(layer, module)] = scale
     if not weights:
         raise AdapterError(f"adapter {key!r} holds no LoRA weights for a supported module")
-    return HostLora(key, weights, max(a.shape[0] for a, _ in weights.values()))
+    return HostLora(key, weights, max(a.shape[0] for a, _ in weights.values()), scales)
 
 
 def _read_config(path: Path) -> dict:
