@@ -169,7 +169,6 @@ def test_unsupported_dtype_is_refused(adapter_files, module_shapes):
     "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight",  # the model has 4 layers
     "base_model.model.model.layers.0.mlp.q_proj.lora_A.weight",  # q_proj lives in self_attn
     "base_model.model.model.layers.00.self_attn.q_proj.lora_A.weight",
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",  # DoRA
 ])
 def test_unknown_tensor_name_is_refused(adapter_files, module_shapes, name):
     weights = edited_tensors(adapter_files[1], lambda t: t.update({name: torch.zeros(8, 128)}))
@@ -214,15 +213,15 @@ def test_rank_inconsistent_with_config_is_refused(adapter_files, module_shapes):
     refused(config, adapter_files[1], module_shapes, "rank 4, config says 8", param="r")
 
 
-@pytest.mark.parametrize(("fields", "match"), [
-    ({"use_dora": True}, "DoRA"),
-    ({"peft_type": "LOHA"}, "peft_type"),
-    ({"bias": "all"}, "biases"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"target_modules": ["q_proj"]}, "not listed"),
+@pytest.mark.parametrize(("fields", "match", "param"), [
+    ({"use_dora": True}, "DoRA", "use_dora"),  # no magnitude vectors in the weights
+    ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported: LoHa", "peft_type"),
+    ({"bias": "all"}, "biases", "bias"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save", "modules_to_save"),
+    ({"target_modules": ["q_proj"]}, "not listed", CONFIG_FILE),
 ])
-def test_unservable_config_is_refused(adapter_files, module_shapes, fields, match):
-    refused(edited_config(adapter_files[0], **fields), adapter_files[1], module_shapes, match, param=CONFIG_FILE)
+def test_unservable_config_is_refused(adapter_files, module_shapes, fields, match, param):
+    refused(edited_config(adapter_files[0], **fields), adapter_files[1], module_shapes, match, param=param)
 
 
 @pytest.mark.parametrize("config", [b"{not json", b"\xff\xfe", b"[1, 2]", b""])

@@ -16,7 +16,7 @@ from loraplex.engine.types import LoraRequest
 from loraplex.registry.archive import extract_adapter_archive
 from loraplex.registry.auth import Principal, can_use, require_manage, require_use
 from loraplex.registry.errors import Forbidden, InvalidAdapterFile, RegistryUnavailable
-from loraplex.registry.validation import ValidatedAdapter, validate_adapter_files
+from loraplex.registry.validation import ModelDims, ValidatedAdapter, validate_adapter_files
 from loraplex.registry.local_store import AdapterNotFound
 from loraplex.registry.versioned_store import AdapterVersion, VersionedAdapterStore, is_id_part, parse_adapter_id
 
@@ -37,8 +37,10 @@ class UploadLimits:
 
 
 class AdapterRegistry:
-    def __init__(self, store: VersionedAdapterStore, module_shapes: Mapping[tuple[int, str], tuple[int, int]], limits: UploadLimits):
+    def __init__(self, store: VersionedAdapterStore, module_shapes: Mapping[tuple[int, str], tuple[int, int]], limits: UploadLimits,
+                 dims: ModelDims | None = None):
         self.store, self.module_shapes, self.limits = store, dict(module_shapes), limits
+        self.dims = dims  # the model's sizes, for prompt/prefix tuning uploads
         # Inference lookups that succeeded, so adapters keep serving while a shared index (Redis) is down.
         # id -> (record, when it was read from the index); resolver threads, the change-feed thread and
         # the event loop all touch it, hence the lock.
@@ -174,5 +176,5 @@ class AdapterRegistry:
                 raise InvalidAdapterFile(f"missing {required}", required, adapter_id)
         return validate_adapter_files(
             files[CONFIG_FILE], files[WEIGHTS_FILE], self.module_shapes,
-            self.limits.max_lora_rank, self.limits.max_adapter_bytes, adapter_id=adapter_id,
+            self.limits.max_lora_rank, self.limits.max_adapter_bytes, adapter_id=adapter_id, dims=self.dims,
         )

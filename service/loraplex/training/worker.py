@@ -276,11 +276,13 @@ class RegistryPublisher:
 
     def __init__(self, settings: Settings, model_dir: Path):
         from loraplex.registry.factory import build_registry
-        from loraplex.registry.validation import module_shapes_from_hf_config
+        from loraplex.registry.validation import model_dims_from_hf_config, module_shapes_from_hf_config
 
         allowed = set(settings.lora_target_module_list)
-        shapes = module_shapes_from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
-        self.runtime = build_registry(settings, {k: v for k, v in shapes.items() if k[1] in allowed})
+        hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+        shapes = module_shapes_from_hf_config(hf_config)
+        dims = model_dims_from_hf_config(hf_config)
+        self.runtime = build_registry(settings, {k: v for k, v in shapes.items() if k[1] in allowed}, dims)
 
     def lookup(self, adapter_id: str) -> AdapterVersion | None:
         """The version `adapter_id` (`t/n`: the latest) names now, None if there is none."""
