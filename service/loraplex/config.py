@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")
     max_request_bytes: int = Field(4_000_000, ge=1024, description="Largest request body accepted.")
 
+    # Engine: compiled decode step (kept at the end: several sessions add settings here)
+    compile: Literal["auto", "on", "off"] = Field("auto", description="`torch.compile` the decode step (static shapes per batch-size bucket 1, 2, 4, ...; CUDA graphs on GPU); auto: on for CUDA, off on CPU, where it measured slower than eager.")
+
     @property
     def lora_target_module_list(self) -> list[str]:
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]

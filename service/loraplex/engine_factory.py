@@ -52,6 +52,7 @@ def engine_config(settings: Settings, model_path: str) -> EngineConfig:
         max_queue=settings.max_queue,
         lora_target_modules=tuple(settings.lora_target_module_list),
         seed=settings.seed,
+        compile=settings.compile,
     )
 
 

@@ -29,6 +29,7 @@ class EngineConfig:
     lora_target_modules: tuple[str, ...] = LORA_MODULES
     seed: int = 0
     extra_eos_token_ids: tuple[int, ...] = field(default=())
+    compile: str = "auto"  # auto | on | off: torch.compile the decode step (auto: on for CUDA, off on CPU)
 
     def __post_init__(self):
         unknown = set(self.lora_target_modules) - set(LORA_MODULES)
@@ -36,12 +37,19 @@ class EngineConfig:
             raise ValueError(f"unknown lora target modules {sorted(unknown)}; choose from {LORA_MODULES}")
         if self.kv_block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("kv_block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, not {self.compile!r}")
 
     @property
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def compile_decode(self) -> bool:
+        """auto: CUDA only; on CPU the compiled step measured no faster than eager (README, configuration)."""
+        return self.compile == "on" or (self.compile == "auto" and self.torch_device.type == "cuda")
 
     @property
     def torch_dtype(self) -> torch.dtype:

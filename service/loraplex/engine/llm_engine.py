@@ -58,7 +58,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(tokenizer, model) | set(config.extra_eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
         sampler = Sampler(self.device, self.grammars, self.eos_token_ids)
-        self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device, sampler)
+        self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device, sampler, config.compile_decode)
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
 

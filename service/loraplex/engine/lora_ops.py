@@ -42,10 +42,29 @@ class LoraBatch:
     segments: tuple[tuple[int, int, int], ...]
     used_slots: frozenset[int]  # non-zero slots present in this step
     compensation: LoraBatch | None = None  # a second pass (merged mode), same token layout
+    used_mask: int = 0  # used_slots as bits (1 << slot): modules test it against SlotSet.mask
+
+    def __post_init__(self):
+        object.__setattr__(self, "used_mask", sum(1 << s for s in self.used_slots))
 
     @property
     def is_empty(self) -> bool:
         return not self.used_slots and self.compensation is None
+
+
+class SlotSet(set):
+    """The slots holding non-zero weights for one module; `mask` mirrors it as bits, so the per-module
+    test in forward is one integer AND instead of a set intersection."""
+
+    mask = 0
+
+    def add(self, slot: int) -> None:
+        super().add(slot)
+        self.mask |= 1 << slot
+
+    def discard(self, slot: int) -> None:
+        super().discard(slot)
+        self.mask &= ~(1 << slot)
 
 
 EMPTY_LORA_BATCH = LoraBatch(0, None, None, None, (), frozenset())

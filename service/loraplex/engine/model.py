@@ -14,7 +14,7 @@ from torch import nn
 
 from loraplex.engine.attention import AttentionMetadata, attend
 from loraplex.engine.family import FamilySpec, LayerSpec
-from loraplex.engine.lora_ops import LoraBatch, add_lora
+from loraplex.engine.lora_ops import LoraBatch, SlotSet, add_lora
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -40,7 +40,7 @@ class LoraLinear(nn.Module):
         self.bias = linear.bias
         self.lora_a: torch.Tensor | None = None  # [num_slots, r, d_in]
         self.lora_bt: torch.Tensor | None = None  # [num_slots, r, d_out] (B transposed)
-        self.active_slots: set[int] = set()  # slots holding non-zero weights for this module
+        self.active_slots = SlotSet()  # slots holding non-zero weights for this module
 
     @property
     def in_features(self) -> int:
@@ -59,9 +59,10 @@ class LoraLinear(nn.Module):
         """In place on y (possibly a column slice of a fused output)."""
         if self.lora_a is None:
             return
-        if not self.active_slots.isdisjoint(lora.used_slots):
+        mask = self.active_slots.mask
+        if mask & lora.used_mask:
             add_lora(y, x, self.lora_a, self.lora_bt, lora)
-        if lora.compensation is not None and not self.active_slots.isdisjoint(lora.compensation.used_slots):
+        if lora.compensation is not None and mask & lora.compensation.used_mask:
             add_lora(y, x, self.lora_a, self.lora_bt, lora.compensation)
 
 

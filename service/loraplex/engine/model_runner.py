@@ -6,6 +6,8 @@ import itertools
 import torch
 
 from loraplex.engine.attention import AttentionMetadata, PrefillChunk, PrefillGroup
+from loraplex.engine.compiled_lora import build_decode_lora
+from loraplex.engine.compiled_step import CompiledDecode, bucket_for
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_ops import LoraBatch, build_lora_batch
 from loraplex.engine.merge import MergeManager
@@ -18,16 +20,20 @@ from loraplex.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: LlamaForServing, kv_cache: KVCache, merge: MergeManager, device: torch.device,
-                 sampler: Sampler):
+                 sampler: Sampler, compile_decode: bool = False):
         self.model, self.kv_cache, self.merge, self.device = model, kv_cache, merge, device
         self.block_size = kv_cache.block_size
         self.sampler = sampler
+        self.compiled = CompiledDecode(model, device) if compile_decode else None  # pure-decode steps only
 
     def run(self, batch: ScheduledBatch) -> tuple[SamplerOutput, dict[str, list]]:
         """The sampled token (+ logprobs) for each of batch.sampled_seqs, in that order, and the prompt
         logprobs computed this step (request id -> entries for this chunk's prompt positions)."""
-        input_ids, forward_batch, wanting = self._prepare(batch)
-        logits = self.model(input_ids, forward_batch, self.kv_cache)  # [num_sampled + prompt positions, V]
+        if self.compiled is not None and batch.decode_seqs and not batch.prefill_chunks:
+            logits, wanting = self._decode_compiled(batch.decode_seqs), []  # [n, V]
+        else:
+            input_ids, forward_batch, wanting = self._prepare(batch)
+            logits = self.model(input_ids, forward_batch, self.kv_cache)  # [num_sampled + prompt positions, V]
         seqs = batch.sampled_seqs
         rows = [RowTokens(s.params, s.prompt_ids, s.output_ids) for s in seqs]
         if not seqs:  # only partial prompt chunks ran
@@ -37,6 +43,22 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
+
+    def _decode_compiled(self, decode: list[Sequence]) -> torch.Tensor:
+        """Pads the batch to its bucket (token 0 at position 0, adapter slot 0); logits [n, V] of the real rows."""
+        rows = bucket_for(len(decode))
+        pad = [0] * (rows - len(decode))
+        slots = [self._slot(s, s.num_tokens - 1) for s in decode]
+        merged, pool = self.merge.merged_slot, self.merge.pool
+        own = [0 if s.slot == merged else s.slot for s in decode]
+        compensation = None
+        if merged is not None:
+            compensation = [0 if s.slot == merged else self.merge.compensation_slot for s in decode]
+        lora = build_decode_lora(own, compensation, rows, pool.num_slots, pool.max_rank, self.device)
+        input_ids = self._tensor([s.last_token for s in decode] + pad)  # [B]
+        positions = self._tensor([s.num_tokens - 1 for s in decode] + pad)  # [B]
+        meta = self._attention_metadata(decode, [], slots)  # the n real rows only
+        return self.compiled(input_ids, positions, lora, meta, self.kv_cache)
 
     # --- inputs --------------------------------------------------------------------------------
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardBatch, list]:
