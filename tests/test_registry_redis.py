@@ -14,7 +14,7 @@ import pytest
 
 from loraplex.registry.adapter_config import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.registry.change_feed import RESYNC, ChangeFeed, LocalChangeFeed, NotifyingIndex
-from loraplex.registry.errors import AdapterNotFound, RegistryUnavailable, http_status
+from loraplex.registry.errors import AdapterNotFound, RegistryUnavailable
 from loraplex.registry.validation import module_shapes_from_hf_config, validate_adapter_files
 from loraplex.registry.versioned_store import AdapterVersion, LocalJsonIndex, VersionedAdapterStore
 from tests.redis_server import REDIS_SERVER, redis_server, redis_url  # noqa: F401  (fixtures)
@@ -193,7 +193,7 @@ def assert_unavailable_quickly(call, max_s: float = 2.5) -> RegistryUnavailable:
     with pytest.raises(RegistryUnavailable) as caught:
         call()
     assert time.monotonic() - started < max_s, f"took {time.monotonic() - started:.1f} s"
-    assert http_status(caught.value) == 503 and "Redis at 127.0.0.1:" in str(caught.value)
+    assert caught.value.status == 503 and "Redis at 127.0.0.1:" in str(caught.value)
     return caught.value
 
 
@@ -256,7 +256,7 @@ def test_malformed_records_are_a_clear_error_not_a_crash(redis_url, replicas, ca
     client.hset("loraplex:versions:acme/chat", "2", json.dumps({**record("acme", "other").to_meta(), "path": "/x"}))
     with pytest.raises(CorruptIndexRecord) as caught:
         b.get("acme", "sql", None)
-    assert http_status(caught.value) == 503 and "loraplex:latest:acme[sql]" in str(caught.value)
+    assert caught.value.status == 503 and "loraplex:latest:acme[sql]" in str(caught.value)
     with pytest.raises(CorruptIndexRecord, match=r"loraplex:versions:acme/chat\[1\]"):
         b.get("acme", "chat", 1)
     with pytest.raises(CorruptIndexRecord, match="holds acme/other"):

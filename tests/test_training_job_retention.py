@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from loraplex.training.jobs import FAILED, SUCCEEDED, JobNotFound, JobRecord, make_event, new_job_id
+from loraplex.training.errors import JobNotFound
+from loraplex.training.jobs import FAILED, SUCCEEDED, JobRecord, make_event, new_job_id
 from loraplex.training.local_jobs import LocalJobStore
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
 

@@ -8,10 +8,10 @@ import pytest
 
 from loraplex.config import Settings
 from loraplex.models.demo import ensure_demo_model, make_demo_adapter
+from loraplex.training.errors import JobNotFound, TooManyJobs
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import (
-    CANCELLED, FAILED, QUEUED, RUNNING, VALIDATING_FILES, JobNotFound, JobRecord, TooManyJobs, make_event, new_job_id,
-    reap_stale, request_cancel,
+    CANCELLED, FAILED, QUEUED, RUNNING, VALIDATING_FILES, JobRecord, make_event, new_job_id, reap_stale, request_cancel,
 )
 from loraplex.training.local_jobs import LocalJobStore
 from loraplex.training.redis_jobs import RedisJobStore

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
+from loraplex.errors import LoraplexError
 from loraplex.registry.adapter_files import (
     CONFIG_FILE,
     MAX_CONFIG_BYTES,
@@ -31,12 +32,18 @@ __all__ = [
 LoraSpec = AdapterSpec  # the name the store and its records have always used
 
 
-class RegistryError(Exception):
-    """Base class for adapter store errors."""
+class RegistryError(LoraplexError):
+    """Base class for adapter store errors (status and code: see loraplex/errors.py)."""
+
+    code = "registry_error"
 
 
 class InvalidAdapter(RegistryError):
     """The adapter exists but cannot be served as it is (unsupported feature, rank too high...)."""
+
+    status = 400
+    code = "invalid_adapter"
+    param = "model"
 
     def __init__(self, adapter_id: str, reason: str):
         super().__init__(f"adapter {adapter_id!r} cannot be served: {reason}")

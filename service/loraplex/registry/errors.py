@@ -1,9 +1,9 @@
-"""Typed registry errors, each with an HTTP-ish `status` and a stable `code` for the one error handler.
+"""Typed registry errors. Each carries its `status`, `code` and `param` (the base class is in
+loraplex/errors.py), so the API's one handler maps any of them without a table here.
 
-`RegistryError`, `InvalidAdapter` and `AdapterNotFound` already exist (read-only store) and are reused
-here, not redefined: their status and code come from `http_status` / `error_code`, so a handler can map
-any `RegistryError` with two calls. `AdapterNotFound` carries only the id that was asked for, so a
-missing adapter and another tenant's private one read exactly the same (no existence oracle).
+`RegistryError`, `InvalidAdapter` and `AdapterNotFound` live beside the read-only store and are reused
+here, not redefined. `AdapterNotFound` carries only the id that was asked for, so a missing adapter and
+another tenant's private one read exactly the same (no existence oracle).
 """
 from __future__ import annotations
 
@@ -24,18 +24,10 @@ __all__ = [
     "StorageFull",
     "StorageUnavailable",
     "Unauthorized",
-    "error_code",
-    "error_param",
-    "http_status",
     "storage_error",
 ]
 
 _NAMED_IN_MESSAGE = ("adapter_config.json", "adapter_model.safetensors", "archive")
-# Statuses of the classes defined before this module existed (they carry no attributes of their own).
-_REUSED_STATUS_AND_CODE: dict[type[RegistryError], tuple[int, str]] = {
-    AdapterNotFound: (404, "adapter_not_found"),
-    InvalidAdapter: (400, "invalid_adapter"),
-}
 
 
 class InvalidAdapterFile(InvalidAdapter):
@@ -69,10 +61,11 @@ class QuotaExceeded(RegistryError):
 
 
 class Unauthorized(RegistryError):
-    """Missing, malformed or unknown API key; the handler should add `WWW-Authenticate: Bearer`."""
+    """Missing, malformed or unknown API key."""
 
     status = 401
     code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(RegistryError):
@@ -117,27 +110,3 @@ def storage_error(exc: OSError, action: str) -> RegistryError | None:
         return StorageUnavailable(f"cannot {action}: storage is not writable ({reason})")
     return None
 
-
-def http_status(exc: RegistryError) -> int:
-    """400/401/403/404/413/503 for every registry error; 500 for one this module does not know."""
-    if hasattr(exc, "status"):
-        return exc.status
-    return _reused_status_and_code(exc)[0]
-
-
-def error_code(exc: RegistryError) -> str:
-    if hasattr(exc, "code"):
-        return exc.code
-    return _reused_status_and_code(exc)[1]
-
-
-def error_param(exc: RegistryError) -> str | None:
-    """The offending file or field, when the error names one."""
-    return getattr(exc, "param", None)
-
-
-def _reused_status_and_code(exc: RegistryError) -> tuple[int, str]:
-    for cls, status_and_code in _REUSED_STATUS_AND_CODE.items():
-        if isinstance(exc, cls):
-            return status_and_code
-    return 500, "registry_error"

@@ -36,8 +36,14 @@ _Signature = tuple[int, int, int, int]  # config (mtime_ns, size), weights (mtim
 
 
 class AdapterNotFound(RegistryError):
+    """Carries only the id asked for: a missing adapter and another tenant's private one read the same."""
+
+    status = 404
+    code = "model_not_found"
+    param = "model"
+
     def __init__(self, adapter_id: str):
-        super().__init__(f"adapter {adapter_id!r} does not exist")
+        super().__init__(f"The model `{adapter_id}` does not exist.")
         self.adapter_id = adapter_id
 
 

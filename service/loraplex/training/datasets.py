@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from loraplex.errors import LoraplexError
+
 PROMPT_COMPLETION = "prompt_completion"
 CHAT = "chat"
 PREFERENCE = "preference"  # OpenAI's DPO pairs, parsed in `preference`
@@ -48,8 +50,13 @@ class PreparationStopped(Exception):
     """`should_stop()` returned True while the data was being tokenized."""
 
 
-class DatasetError(ValueError):
-    """A training file is refused. `problems` lists (line number, message), line 0 meaning the whole file."""
+class DatasetError(LoraplexError, ValueError):
+    """A training file is refused. `problems` lists (line number, message), line 0 meaning the whole file.
+    `param` is the upload's form field; a job that finds its file bad names `training_file` instead."""
+
+    status = 400
+    code = "invalid_file_format"
+    param = "file"
 
     def __init__(self, problems: list[tuple[int, str]], num_problems: int | None = None):
         self.problems = problems[:MAX_REPORTED_PROBLEMS]

@@ -18,26 +18,14 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loraplex.registry.adapter_config import RegistryError
 from loraplex.registry.errors import QuotaExceeded
 from loraplex.registry.versioned_store import is_id_part
 from loraplex.training.datasets import ParsedDataset, validate_jsonl
+from loraplex.training.errors import FileNotFound
 
 FINE_TUNE = "fine-tune"
 PURPOSES = (FINE_TUNE,)
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
-
-
-class FileNotFound(RegistryError):
-    """404 for a missing file, a malformed id and another tenant's file alike (no existence oracle)."""
-
-    status = 404
-    code = "file_not_found"
-
-    def __init__(self, file_id: str, param: str | None = "file_id"):
-        super().__init__(f"No such File object: {file_id}")
-        self.file_id = file_id
-        self.param = param
 
 
 @dataclass(frozen=True)

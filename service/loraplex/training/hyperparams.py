@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from loraplex.engine.model import LORA_MODULES
+from loraplex.errors import LoraplexError
 
 AUTO = "auto"
 Auto = Literal["auto"]
@@ -65,13 +66,15 @@ EXTENSION_FIELDS = (
 SHAPE_FIELDS = ("lora_r", "lora_alpha", "target_modules", "use_rslora", "layers_to_transform", "top_k_layers")
 
 
-class HyperparameterError(ValueError):
+class HyperparameterError(LoraplexError, ValueError):
     """`param` names the offending field, for an OpenAI-style `param` in the error envelope."""
 
+    status = 400
+    code = "invalid_hyperparameters"
+
     def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param = param
-        self.message = message
+        super().__init__(f"{param}: {message}", param)
+        self.reason = message
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from loraplex.training.datasets import ParsedDataset
 from loraplex.training.evaluation import split_held_out
-from loraplex.training.files import FileNotFound, FileStore
+from loraplex.training.errors import FileNotFound
+from loraplex.training.files import FileStore
 from loraplex.training.hyperparams import Hyperparameters
 from loraplex.training.jobs import JobRecord, JobStore, parent_job
 

@@ -17,8 +17,6 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
-from loraplex.registry.adapter_config import RegistryError
-
 QUEUED, VALIDATING_FILES, RUNNING = "queued", "validating_files", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 CLAIMED = (VALIDATING_FILES, RUNNING)  # a worker owns the job and must keep its heartbeat fresh
@@ -26,27 +24,6 @@ ACTIVE = (QUEUED, *CLAIMED)  # count against the tenant's concurrent-job limit
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 WORKER_LOST = "worker_lost"
 SUPERVISED, DPO = "supervised", "dpo"
-
-
-class JobNotFound(RegistryError):
-    """Missing and another tenant's jobs read the same."""
-
-    status = 404
-    code = "job_not_found"
-
-    def __init__(self, job_id: str):
-        super().__init__(f"No such fine-tuning job: {job_id}")
-        self.param = "fine_tuning_job_id"
-
-
-class TooManyJobs(RegistryError):
-    status = 429
-    code = "too_many_jobs"
-
-
-class JobStoreUnavailable(RegistryError):
-    status = 503
-    code = "job_store_unavailable"
 
 
 @dataclass(frozen=True)

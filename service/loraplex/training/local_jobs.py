@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.failpoints import failpoint
+from loraplex.training.errors import JobNotFound, TooManyJobs
 from loraplex.training.jobs import (
-    ACTIVE, CLAIMED, DEFAULT_MAX_FINISHED_PER_TENANT, QUEUED, VALIDATING_FILES, JobNotFound, JobRecord, TooManyJobs,
-    finished_beyond, is_job_id,
+    ACTIVE, CLAIMED, DEFAULT_MAX_FINISHED_PER_TENANT, QUEUED, VALIDATING_FILES, JobRecord, finished_beyond, is_job_id,
 )
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from loraplex.training.errors import JobNotFound, JobStoreUnavailable, TooManyJobs
 from loraplex.training.jobs import (
-    CLAIMED, DEFAULT_MAX_FINISHED_PER_TENANT, QUEUED, TERMINAL, VALIDATING_FILES, JobNotFound, JobRecord,
-    JobStoreUnavailable, TooManyJobs, finished_beyond, is_job_id,
+    CLAIMED, DEFAULT_MAX_FINISHED_PER_TENANT, QUEUED, TERMINAL, VALIDATING_FILES, JobRecord, finished_beyond, is_job_id,
 )
 
 # KEYS: queue, processing, heartbeats. ARGV: now. Move the oldest queued id to `processing` and stamp it

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from loraplex.registry.errors import RegistryUnavailable
-from loraplex.training.jobs import JobStoreUnavailable
+from loraplex.training.errors import JobStoreUnavailable
 
 log = logging.getLogger(__name__)
 

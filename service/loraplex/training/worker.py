@@ -28,7 +28,8 @@ from loraplex.registry.local_store import AdapterNotFound
 from loraplex.registry.service import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.registry.versioned_store import AdapterVersion
 from loraplex.training.datasets import DatasetError
-from loraplex.training.files import FileNotFound, FileStore
+from loraplex.training.errors import FileNotFound
+from loraplex.training.files import FileStore
 from loraplex.training.hyperparams import HyperparameterError, Hyperparameters
 from loraplex.training.jobs import (
     CANCELLED, CLAIMED, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore, make_event, reap_stale,
@@ -80,8 +81,8 @@ class Worker:
             self._train_and_publish(job, work_dir, progress)
         except TrainingCancelled:
             self._stopped(job, progress)
-        except (DatasetError, FileNotFound) as exc:
-            param = getattr(exc, "param", None) or "training_file"
+        except (DatasetError, FileNotFound) as exc:  # a DatasetError's `param` is the upload's `file`
+            param = exc.param if isinstance(exc, FileNotFound) and exc.param else "training_file"
             self._fail(job, "invalid_training_file", str(exc), param)
         except HyperparameterError as exc:
             self._fail(job, "invalid_hyperparameters", str(exc), exc.param)

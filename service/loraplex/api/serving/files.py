@@ -10,7 +10,6 @@ from loraplex.api.schemas.files import FilePublic, FilesPublic
 from loraplex.registry.auth import Principal
 from loraplex.registry.errors import Forbidden, storage_error
 from loraplex.registry.versioned_store import is_id_part
-from loraplex.training.datasets import DatasetError
 from loraplex.training.files import PURPOSES, FileRecord, FileStore
 
 
@@ -23,8 +22,6 @@ async def upload(store: FileStore, principal: Principal, file: UploadFile, purpo
         raise PayloadTooLarge(f"file is larger than the limit of {store.max_bytes} bytes", param="file")
     try:
         record = await asyncio.to_thread(store.create, owner, file.filename or "upload.jsonl", purpose, data)
-    except DatasetError as exc:
-        raise InvalidParameter(str(exc), param="file", code="invalid_file_format") from None
     except OSError as exc:
         raise storage_error(exc, f"store the file for tenant {owner}") or exc from exc
     return to_public(record)

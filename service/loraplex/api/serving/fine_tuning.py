@@ -23,12 +23,13 @@ from loraplex.registry.local_store import AdapterNotFound
 from loraplex.registry.service import AdapterRegistry
 from loraplex.registry.versioned_store import AdapterVersion, is_id_part
 from loraplex.training.datasets import CHAT, PREFERENCE, PROMPT_COMPLETION
-from loraplex.training.files import FINE_TUNE, FileNotFound, FileStore
+from loraplex.training.errors import FileNotFound, JobNotFound
+from loraplex.training.files import FINE_TUNE, FileStore
 from loraplex.training.hyperparams import (
-    EXTENSION_FIELDS, MAX_SEED, OPENAI_FIELDS, SHAPE_FIELDS, HyperparameterError, Hyperparameters,
+    EXTENSION_FIELDS, MAX_SEED, OPENAI_FIELDS, SHAPE_FIELDS, Hyperparameters,
 )
 from loraplex.training.jobs import (
-    DPO, SUPERVISED, JobNotFound, JobRecord, JobStore, new_job_id, parent_job, request_cancel,
+    DPO, SUPERVISED, JobRecord, JobStore, new_job_id, parent_job, request_cancel,
 )
 from loraplex.training.report import build_report
 
@@ -193,9 +194,8 @@ def _check_hyperparameters(requested: dict[str, Any], seed: int, num_examples: i
     try:
         hp = Hyperparameters.from_request(requested, seed)
         resolved = hp.resolve(num_examples, settings.max_lora_rank, num_layers, has_replay)
-    except (HyperparameterError, TypeError) as exc:
-        param = getattr(exc, "param", None) or "hyperparameters"
-        raise InvalidParameter(str(exc), param=param, code="invalid_hyperparameters") from None
+    except TypeError as exc:  # HyperparameterError maps itself (400 naming the field)
+        raise InvalidParameter(str(exc), param="hyperparameters", code="invalid_hyperparameters") from None
     unservable = sorted(set(resolved.target_modules) - set(settings.lora_target_module_list))
     if unservable:
         raise InvalidParameter(f"target_modules: this server cannot serve adapters on {unservable}",
