@@ -25,6 +25,7 @@ from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.structured import GrammarCompiler
 from loraplex.engine.types import FinishReason, LoraRequest, RequestOutput, SamplingParams
+from loraplex.engine.virtual_adapters import VirtualAdapters
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
         sampler = Sampler(self.device, self.grammars, self.eos_token_ids)
         self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device, sampler, config.compile_decode)
+        self.virtual = VirtualAdapters(model, self.kv_cache, self.blocks, config.max_cpu_loras, config.torch_dtype, self.device)
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
 
@@ -84,8 +86,12 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     lora: LoraRequest | None, tenant: str = "") -> None:
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        resolved = self.virtual.resolve(request_id, lora, len(prompt_ids), self.config.max_model_len)
+        if resolved is None:  # failed: the next step reports it
+            return
+        lora, virtual = resolved  # a prompt/prefix-tuning adapter rides on the sequence, not in a slot
         seq = Sequence(request_id, list(prompt_ids), params, lora,
-                       IncrementalDetokenizer(self.tokenizer, params.stop, prompt_ids), seed, tenant)
+                       IncrementalDetokenizer(self.tokenizer, params.stop, prompt_ids), seed, tenant, virtual=virtual)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -101,7 +107,7 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[StepResult]:
-        results = self._apply_completed_loads()
+        results = self._apply_completed_loads() + self.virtual.take_failures()
         self.merging.apply()
         batch = self.scheduler.schedule()
         for lora, slot in batch.adapter_loads:
@@ -167,20 +173,21 @@ class LLMEngine:
 
     # --- adapters (admin): residency and merge control do the work ---------------------------
     def ensure_resident(self, lora: LoraRequest) -> bool:
-        return self.residency_control.ensure_resident(lora)
+        return self.virtual.ensure_loaded(lora) or self.residency_control.ensure_resident(lora)
 
     def set_pinned(self, lora: LoraRequest, is_pinned: bool) -> bool:
         return self.residency_control.set_pinned(lora, is_pinned)
 
     def evict(self, key: str) -> bool:
         """Drop an idle, unmerged adapter from its device slot and the host tier."""
-        return key != self.merged_key and self.residency_control.evict(key)
+        return self.virtual.evict(key) or (key != self.merged_key and self.residency_control.evict(key))
 
     def evict_versions_of(self, adapter_id: str) -> None:
         """After a delete elsewhere: unmerge it, drop idle cached versions of `<tenant>/<name>` (busy ones
         finish first) and every prefix-cache block computed with any of its versions."""
         prefix = adapter_id + "@"
         self.merging.forget_versions(prefix)
+        self.virtual.drop_versions(prefix)
         for key in self.residency_control.cached_keys():
             if key.startswith(prefix):
                 self.evict(key)
@@ -198,6 +205,7 @@ class LLMEngine:
 
     def adapter_state(self, key: str) -> AdapterState:
         residency = "merged" if key == self.merged_key else self.residency_control.residency(key)
+        residency = "device" if key in self.virtual else residency
         return AdapterState(residency, key in self.residency_control.pinned_keys, self.merging.mode_of(key))
 
     def residency(self, key: str) -> str:
@@ -246,6 +254,7 @@ class LLMEngine:
             "merged_adapter": self.merged_key,
             "num_merge_switches": self.num_merge_switches,
             "last_merge_switch_s": self.merge.last_switch_s,
+            **self.virtual.stats(),
         }
 
     def shutdown(self) -> None:

@@ -29,6 +29,8 @@ class ForwardBatch:
     attention: AttentionMetadata
     lora: LoraBatch
     logits_indices: torch.Tensor  # [num_seqs] token index whose logits are sampled
+    # prompt-tuning virtual tokens: (token indices [k], embeddings [k, d]) used instead of the table's
+    input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class LoraLinear(nn.Module):
@@ -225,6 +227,8 @@ class LlamaForServing(nn.Module):
     def forward(self, input_ids, batch: ForwardBatch, kv_cache) -> torch.Tensor:
         """input_ids: [T] -> logits [num_seqs, vocab] (float32) at batch.logits_indices."""
         x = self.embed(input_ids)  # [T, d]
+        if batch.input_embeds is not None:
+            x.index_copy_(0, *batch.input_embeds)
         rope = {key: self._rope_at(key, batch.positions, x.dtype) for key in self.rope_keys}
         for i, layer in enumerate(self.layers):
             cos, sin = rope[layer.rope_key]

@@ -15,7 +15,9 @@ from loraplex.engine.model import ForwardBatch, LlamaForServing
 from loraplex.engine.logits_processors import RowTokens
 from loraplex.engine.sampler import Sampler, SamplerOutput, top_logprobs
 from loraplex.engine.scheduler import ScheduledBatch, ScheduledChunk
+from loraplex.engine.prefix_kv import write_missing_prefixes
 from loraplex.engine.sequence import Sequence
+from loraplex.engine.virtual_tokens import virtual_inputs
 
 
 class ModelRunner:
@@ -79,7 +81,9 @@ class ModelRunner:
             start += chunk.num_tokens
             if chunk.is_last:
                 logits_indices.append(start - 1)
+        write_missing_prefixes(chunks, self.kv_cache)  # prefix-tuning K/V no forward computes
         forward_batch = ForwardBatch(
+            input_embeds=virtual_inputs(len(decode), chunks, token_ids),  # prompt tuning (before token_ids)
             positions=self._tensor(positions),
             attention=self._attention_metadata(decode, chunks, slots),
             lora=self._lora_batch(decode, chunks),
@@ -154,8 +158,9 @@ def _prompt_logprob_positions(chunk: ScheduledChunk) -> range:
     seq = chunk.seq
     if seq.params.prompt_logprobs is None:
         return range(0)
-    first = max(chunk.start, len(seq.prompt_logprobs or ()))
-    return range(first, min(chunk.start + chunk.num_tokens, len(seq.prompt_ids) - 1))
+    offset = seq.num_virtual_tokens  # prompt token i is at position offset + i
+    first = max(chunk.start, offset + len(seq.prompt_logprobs or ()))
+    return range(first, min(chunk.start + chunk.num_tokens, offset + len(seq.prompt_ids) - 1))
 
 
 def prompt_logprobs(logits: torch.Tensor, wanting: list[tuple[Sequence, range]]) -> dict[str, list]:
@@ -165,7 +170,7 @@ def prompt_logprobs(logits: torch.Tensor, wanting: list[tuple[Sequence, range]])
     for seq, positions in wanting:
         num = len(positions)
         logprobs = torch.log_softmax(logits[start : start + num], dim=-1)  # [num, V]
-        targets = torch.tensor([seq.prompt_ids[p + 1] for p in positions], device=logits.device).unsqueeze(1)
+        targets = torch.tensor([seq.token_ids[p + 1] for p in positions], device=logits.device).unsqueeze(1)
         chosen = logprobs.gather(1, targets).squeeze(1).tolist()
         top = top_logprobs(logprobs, [seq.params.prompt_logprobs] * num)
         result[seq.request_id] = list(zip(chosen, top))

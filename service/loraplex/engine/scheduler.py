@@ -157,6 +157,7 @@ class Scheduler:
         seq.block_table = self.blocks.allocate(seq.num_tokens, match)
         seq.block_hashes = list(match.hashes)
         seq.num_computed_tokens = seq.num_cached_tokens = match.num_blocks * self.blocks.block_size
+        seq.num_computed_tokens = max(seq.num_computed_tokens, seq.num_precomputed_tokens)  # a prefix-tuning prefix
         if seq.lora:
             seq.slot = self.slots.acquire(seq.lora.key)
         self.running.append(seq)

@@ -7,6 +7,7 @@ from enum import Enum
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.types import FinishReason, LoraRequest, SamplingParams
+from loraplex.engine.virtual_tokens import VirtualTokens
 
 
 class SeqStatus(Enum):
@@ -41,14 +42,30 @@ class Sequence:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     num_emitted_tokens: int = 0  # tokens already reported to the caller
+    # A prompt/prefix-tuning adapter (then lora is None): its n virtual positions come first, as
+    # placeholder ids -1..-n, so positions, blocks and prefix-cache hashes all count them.
+    virtual: VirtualTokens | None = None
+
+    def __post_init__(self):
+        self._virtual_ids = self.virtual.placeholder_ids if self.virtual else []
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return len(self._virtual_ids)
+
+    @property
+    def num_precomputed_tokens(self) -> int:
+        """Leading positions whose KV no forward computes (a prefix-tuning adapter's prefix)."""
+        return self.virtual.num_precomputed if self.virtual else 0
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self._virtual_ids) + len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        """Every position's id, virtual placeholders included."""
+        return self._virtual_ids + self.prompt_ids + self.output_ids
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -62,6 +79,8 @@ class Sequence:
     @property
     def cache_identity(self) -> str:
         """Prefix-cache blocks are shared only between sequences with the same identity."""
+        if self.virtual is not None:
+            return self.virtual.key
         return self.lora.key if self.lora else "base"
 
     @property
