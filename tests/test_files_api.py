@@ -14,6 +14,7 @@ from loraplex.engine_factory import build_engine
 KEYS = {"acme": "key-acme", "globex": "key-globex", "admin": "key-admin"}
 GOOD = b'{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion": " d"}\n'
 MAX_FILE_BYTES = 50_000
+MAX_EXAMPLE_TOKENS = 1000
 
 
 def auth(who: str) -> dict[str, str]:
@@ -25,7 +26,7 @@ def settings(tmp_path_factory) -> Settings:
     return Settings(
         model="demo", data_dir=tmp_path_factory.mktemp("files-data"), device="cpu", dtype="float32",
         max_model_len=256, max_num_seqs=4, max_loras=2, max_lora_rank=8, start_local_worker=False,
-        max_file_bytes=MAX_FILE_BYTES, max_file_lines=100,
+        max_file_bytes=MAX_FILE_BYTES, max_file_lines=100, max_example_tokens=MAX_EXAMPLE_TOKENS,
         api_keys=f"{KEYS['acme']}:acme,{KEYS['globex']}:globex", admin_key=KEYS["admin"],
     )
 
@@ -80,6 +81,23 @@ def test_wrong_purpose_too_big_and_too_many_lines(client):
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
     too_many = upload(client, "acme", b'{"prompt": "p", "completion": " c"}\n' * 101)
     assert too_many.status_code == 400 and "line 101" in too_many.json()["error"]["message"]
+
+
+def test_an_example_over_the_token_cap_is_400_naming_its_line(client):
+    """Counted with the served model's tokenizer at upload (LORAPLEX_MAX_EXAMPLE_TOKENS); nothing is stored."""
+    tokenizer = client.app.state.engine.engine.tokenizer
+    story = "Once upon a time a little fox found a shiny stone. " * 60
+    assert len(tokenizer(story, add_special_tokens=False)["input_ids"]) > MAX_EXAMPLE_TOKENS  # over, on its own
+    long = json.dumps({"messages": [{"role": "user", "content": "Tell a story."},
+                                    {"role": "assistant", "content": story}]}).encode()
+    short = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
+    before = client.get("/v1/files", headers=auth("acme")).json()["data"]
+    refused = upload(client, "acme", short.encode() + b"\n" + long + b"\n")
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and (error["param"], error["code"]) == ("file", "invalid_file_format")
+    assert "line 2: the example has" in error["message"] and f"limit of {MAX_EXAMPLE_TOKENS} tokens" in error["message"]
+    assert client.get("/v1/files", headers=auth("acme")).json()["data"] == before
+    assert upload(client, "acme", short.encode() + b"\n" + short.encode()).status_code == 200
 
 
 def test_other_tenants_files_read_like_missing_ones(client):

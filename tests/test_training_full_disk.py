@@ -10,9 +10,10 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
-from tests.server_process import REPO_ROOT
+from tests.server_process import REPO_ROOT, ServerProcess
 from tests.test_faults import TRAIN, eventually, fill, mounted_tmpfs
 
 
@@ -79,3 +80,49 @@ def test_a_full_disk_mid_event_leaves_no_torn_line_and_a_torn_line_is_skipped(tm
         report = build_report(store.get(job.id), events)
         assert json.dumps(report)
         store.close()
+
+
+@pytest.mark.slow
+def test_through_the_server_a_volume_full_mid_training_keeps_events_and_report_answering(tmp_path, demo_model_dir):
+    """Finding 14 end to end: a real server and its worker process, the data volume (a tmpfs) filled to the
+    last byte while the job logs steps. The append that no longer fits fails part-way; events and report keep
+    answering 200 while the volume is full and after, and every line of the events file stays whole."""
+    from tests.test_faults import SERVER_SETTINGS, _worker_pids_of, auth, upload_file
+
+    with mounted_tmpfs(tmp_path / "volume", "3m") as volume:
+        server = ServerProcess(volume / "data", tmp_path / "server.log", model=str(demo_model_dir), served_model_name="demo",
+                               start_local_worker="true", **{**SERVER_SETTINGS, "job_stale_after_s": 5})
+        try:
+            server.wait_ready()
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                long_set = b"".join(b'{"prompt": "Q%d: what colour?", "completion": " zebra"}\n' % i for i in range(100))
+                file_id = upload_file(c, "acme", long_set).json()["id"]
+                job = c.post("/v1/fine_tuning/jobs", headers=auth("acme"), json={
+                    "model": "demo", "training_file": file_id, "suffix": "torn",
+                    "hyperparameters": {"n_epochs": 3, "batch_size": 1, "lora_r": 8}}).json()
+                url = f"/v1/fine_tuning/jobs/{job['id']}"
+
+                def steps() -> int:
+                    events = c.get(f"{url}/events", headers=auth("acme"), params={"limit": 100})
+                    assert events.status_code == 200, events.text
+                    return sum(e["type"] == "metrics" for e in events.json()["data"])
+
+                assert eventually(lambda: steps() >= 2, 120, 0.2), (tmp_path / "server.log").read_text()
+                filler = fill(volume)  # to the last byte: the next append that needs a new page fails part-way
+                for _ in range(10):  # the worker keeps trying to append meanwhile
+                    time.sleep(0.5)
+                    steps()
+                    assert c.get(f"{url}/report", headers=auth("acme")).status_code == 200
+                filler.unlink()
+                done = eventually(lambda: c.get(url, headers=auth("acme")).json()["status"]
+                                  in ("succeeded", "failed", "cancelled"), 90, 0.5)
+                assert done, c.get(url, headers=auth("acme")).json()
+                assert steps() >= 2 and c.get(f"{url}/report", headers=auth("acme")).status_code == 200
+            events_file = volume / "data" / ".jobs" / "events" / f"{job['id']}.jsonl"
+            lines = events_file.read_bytes().splitlines()
+            assert lines and all(json.loads(line) for line in lines)  # no torn line left behind
+            assert "events kept until the job store answers" in (tmp_path / "server.log").read_text()  # appends did fail
+        finally:
+            server.stop()
+            for pid in _worker_pids_of(server.proc.pid):
+                os.kill(pid, 9)

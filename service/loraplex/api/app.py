@@ -30,6 +30,7 @@ from loraplex.api.rate_limit import TenantRateLimiter
 from loraplex.registry.auth import load_api_keys
 from loraplex.registry.factory import build_registry
 from loraplex.registry.validation import model_dims_from_hf_config
+from loraplex.training.example_tokens import token_counter
 from loraplex.training.files import FileQuota, FileStore
 from loraplex.training.job_store import build_job_store
 from loraplex.training.jobs import has_pending_jobs, reap_stale
@@ -47,7 +48,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.registry = None  # needs the model's module shapes: built with the engine
     app.state.registry_runtime = None  # the registry's index guard (readiness), with the registry
     app.state.file_store = FileStore(settings.data_dir, settings.max_file_bytes, settings.max_file_lines,
-                                     FileQuota(settings.max_files_per_tenant, settings.max_file_bytes_per_tenant))
+                                     FileQuota(settings.max_files_per_tenant, settings.max_file_bytes_per_tenant),
+                                     settings.max_example_tokens)
     app.state.job_store = None  # opened by the lifespan (Redis or the local job files)
     app.state.local_worker = None  # the embedded worker process, when settings.start_local_worker
     app.state.api_keys = load_api_keys(settings.api_keys, settings.api_keys_file)
@@ -78,6 +80,7 @@ def _lifespan(given_engine: AsyncEngine | None):
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = given_engine or await asyncio.to_thread(_build_engine, app.state.settings)
         app.state.tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        app.state.file_store.count_tokens = token_counter(engine.engine.tokenizer)  # before any upload is served
         engine.start()  # idempotent
         app.state.metrics.watch_engine(engine, app.state.drain)
         app.state.loop = asyncio.get_running_loop()

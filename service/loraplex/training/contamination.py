@@ -9,12 +9,14 @@ partly measures memorisation, not generalisation.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from loraplex.training.datasets import ChatExample, ParsedDataset, PromptCompletion
+from loraplex.training.datasets import ChatExample, ParsedDataset, PreparationStopped, PromptCompletion
 
 NGRAM = 8
 WARN_SHARE = 0.1
+EXAMPLES_PER_STOP_CHECK = 256  # 60k examples take seconds: a cancel must not wait for all of them
 
 
 def example_text(example) -> str:
@@ -34,12 +36,18 @@ def ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def compare(validation: ParsedDataset, other: ParsedDataset) -> dict[str, Any]:
-    """How many validation examples repeat `other` exactly, and how many share an n-gram with it."""
+def compare(validation: ParsedDataset, other: ParsedDataset, should_stop: Callable[[], bool] = lambda: False,
+            ) -> dict[str, Any]:
+    """How many validation examples repeat `other` exactly, and how many share an n-gram with it.
+    PreparationStopped as soon as `should_stop()` says so (asked every EXAMPLES_PER_STOP_CHECK examples)."""
     texts = {example_text(example) for example in other.examples}
-    other_ngrams = set().union(*(ngrams(text) for text in texts)) if texts else set()
+    other_ngrams: set[tuple[str, ...]] = set()
+    for index, text in enumerate(texts):
+        _check(index, should_stop)
+        other_ngrams |= ngrams(text)
     num_duplicates = num_overlapping = 0
-    for example in validation.examples:
+    for index, example in enumerate(validation.examples):
+        _check(index, should_stop)
         text = example_text(example)
         num_duplicates += text in texts
         num_overlapping += not ngrams(text).isdisjoint(other_ngrams)
@@ -49,16 +57,22 @@ def compare(validation: ParsedDataset, other: ParsedDataset) -> dict[str, Any]:
             "ngram_overlap_share": num_overlapping / total}
 
 
-def audit(train: ParsedDataset, validation: ParsedDataset | None, replay: ParsedDataset | None) -> dict[str, Any] | None:
+def audit(train: ParsedDataset, validation: ParsedDataset | None, replay: ParsedDataset | None,
+          should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
     """The `evaluation.contamination` record; None without validation data."""
     if validation is None or not len(validation):
         return None
     record: dict[str, Any] = {"ngram": NGRAM, "warn_share": WARN_SHARE,
-                              "validation_vs_training": compare(validation, train),
-                              "validation_vs_replay": compare(validation, replay) if replay is not None else None}
+                              "validation_vs_training": compare(validation, train, should_stop),
+                              "validation_vs_replay": compare(validation, replay, should_stop) if replay is not None else None}
     shares = [part["exact_duplicate_share"] for part in _parts(record)] + [part["ngram_overlap_share"] for part in _parts(record)]
     record["warned"] = max(shares) > WARN_SHARE
     return record
+
+
+def _check(index: int, should_stop: Callable[[], bool]) -> None:
+    if index % EXAMPLES_PER_STOP_CHECK == 0 and should_stop():
+        raise PreparationStopped
 
 
 def _parts(record: dict[str, Any]) -> list[dict[str, Any]]:

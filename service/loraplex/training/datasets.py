@@ -96,6 +96,7 @@ class ParsedDataset:
     format: DatasetFormat
     examples: tuple[Example, ...]
     num_bytes: int
+    line_numbers: tuple[int, ...] = ()  # 1-based line of each example in the file, as validated
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -125,6 +126,7 @@ def validate_jsonl(
         raise DatasetError([(0, f"file is {len(data)} bytes, more than the limit of {max_bytes} bytes")])
     problems = _Problems()
     examples: list[Example] = []
+    line_numbers: list[int] = []
     first_form: tuple[int, DatasetFormat] | None = None  # the line that decided the file's form
     num_lines = 0
     for line_no, raw in enumerate(data.split(b"\n"), start=1):
@@ -146,11 +148,12 @@ def validate_jsonl(
                                   f"{_FORM_NAMES[first_form[1]]}: a file holds one form only")
             continue
         examples.append(example)
+        line_numbers.append(line_no)
     if not problems.count and not examples:
         problems.add(0, "file holds no examples")
     if problems.count:
         raise DatasetError(problems.shown, num_problems=problems.count)
-    return ParsedDataset(first_form[1], tuple(examples), len(data))
+    return ParsedDataset(first_form[1], tuple(examples), len(data), tuple(line_numbers))
 
 
 class _Problems:

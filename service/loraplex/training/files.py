@@ -22,6 +22,7 @@ from loraplex.registry.errors import QuotaExceeded
 from loraplex.registry.versioned_store import is_id_part
 from loraplex.training.datasets import ParsedDataset, validate_jsonl
 from loraplex.training.errors import FileNotFound
+from loraplex.training.example_tokens import CountTokens, check_example_tokens
 
 FINE_TUNE = "fine-tune"
 PURPOSES = (FINE_TUNE,)
@@ -48,14 +49,20 @@ class FileQuota:
 
 
 class FileStore:
-    def __init__(self, data_dir: Path, max_bytes: int, max_lines: int, quota: FileQuota = FileQuota()):
+    def __init__(self, data_dir: Path, max_bytes: int, max_lines: int, quota: FileQuota = FileQuota(),
+                 max_example_tokens: int = 0):
         self.root = Path(data_dir) / ".files"
         self.max_bytes, self.max_lines, self.quota = max_bytes, max_lines, quota
+        self.max_example_tokens = max_example_tokens  # 0: no cap
+        self.count_tokens: CountTokens | None = None  # the served base's tokenizer, once the server has it
 
     def create(self, tenant: str, filename: str, purpose: str, data: bytes) -> FileRecord:
-        """Validate (DatasetError lists line-numbered problems), check the tenant's quota (QuotaExceeded),
-        then store bytes and record, under the tenant's lock (two uploads cannot both take the last room)."""
+        """Validate (DatasetError lists line-numbered problems, examples over the token cap too), check the
+        tenant's quota (QuotaExceeded), then store bytes and record, under the tenant's lock (two uploads
+        cannot both take the last room)."""
         parsed = validate_jsonl(data, max_bytes=self.max_bytes, max_lines=self.max_lines)
+        if self.max_example_tokens and self.count_tokens is not None:
+            check_example_tokens(parsed, self.count_tokens, self.max_example_tokens)
         directory = self._tenant_dir(tenant)
         directory.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(directory, os.O_RDONLY)  # flock on the tenant's directory: no lock file to leave behind

@@ -27,7 +27,7 @@ from loraplex.registry.auth import Principal, can_use
 from loraplex.registry.local_store import AdapterNotFound
 from loraplex.registry.service import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.registry.versioned_store import AdapterVersion
-from loraplex.training.datasets import DatasetError
+from loraplex.training.datasets import DatasetError, PreparationStopped
 from loraplex.training.errors import FileNotFound
 from loraplex.training.files import FileStore
 from loraplex.training.hyperparams import HyperparameterError, Hyperparameters
@@ -110,7 +110,10 @@ class Worker:
             raise TrainingCancelled(0)  # cancelled or reaped meanwhile
         progress.send(make_event("Fine-tuning job started."))
         progress.send(make_event(_validation_message(inputs)))
-        contamination = audit(inputs.train, inputs.validation, inputs.replay)
+        try:  # thousands of examples take seconds: a cancel is honoured meanwhile, as while tokenizing
+            contamination = audit(inputs.train, inputs.validation, inputs.replay, progress.should_stop)
+        except PreparationStopped:
+            raise TrainingCancelled(0) from None
         if contamination is not None:
             level = "warn" if contamination["warned"] else "info"
             progress.send(make_event(describe(contamination), level=level))  # numbers: evaluation
