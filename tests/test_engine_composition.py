@@ -1,10 +1,7 @@
 """Weighted composition (engine/composition.py) equals PEFT `add_weighted_adapter`: `linear` == `cat`,
 `ties` / `dare_linear` / `dare_ties` == PEFT's methods of those names for the same density and seed
 (weights compared module by module, then greedy tokens and logprobs, alone and batched with plain requests).
-
-PEFT draws dare masks from torch's global RNG after creating the new adapter's layers (whose init draws
-too); "the same seed" means torch's RNG holds `seed` when PEFT's merge loop starts, so the reference seeds
-it right there (`_peft_weighted`).
+The dare seed's meaning is in tests/composition_helpers.py.
 """
 from __future__ import annotations
 
@@ -13,13 +10,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from loraplex.engine.composition import CompositionError, MergeSpec, compose, composed_lora
 from loraplex.engine.lora_weights import read_adapter
 from loraplex.engine.types import LoraRequest, SamplingParams
-from tests.engine_helpers import build_llm_engine, greedy, lora, peft_reference, step_until_idle
+from tests.composition_helpers import peft_weighted
+from tests.engine_helpers import build_llm_engine, greedy, lora, peft_reference, run_to_completion, step_until_idle
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,23 +56,8 @@ def _composed(adapter_dirs, case: str):
 
 
 def _peft_weighted(demo_model_dir, adapter_dirs, case: str):
-    """The base model + PEFT with the case's components loaded and merged into adapter `mix` (active)."""
-    names, weights, combination, merge = CASES[case]
-    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapter_dirs[name], adapter_name=name)
-    lora_model, inject = model.base_model, model.base_model.inject_adapter
-
-    def inject_then_seed(*args, **kwargs):
-        inject(*args, **kwargs)
-        torch.manual_seed(merge.seed)
-
-    lora_model.inject_adapter = inject_then_seed
-    lora_model.add_weighted_adapter(names, weights, "mix", combination_type=combination, density=merge.density,
-                                    majority_sign_method=merge.majority_sign_method)
-    model.set_adapter("mix")
-    return model.eval()
+    names, weights, _, merge = CASES[case]
+    return peft_weighted(demo_model_dir, [adapter_dirs[n] for n in names], names, weights, merge)
 
 
 def _peft_linears(model):
@@ -195,3 +176,22 @@ def test_too_large_or_unequal_ranks_are_refused_naming_the_param(demo_model_dir,
     results = list(step_until_idle(engine))
     assert len(results) == 1 and isinstance(results[0][1], CompositionError)
     assert engine.slots.slot_of(linear.key) is None
+
+
+def test_a_composition_is_listed_in_metrics_and_cached_like_an_adapter(demo_model_dir, adapter_dirs, prompts):
+    from loraplex.api.metrics import _lora_info
+
+    engine = build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=32, max_model_len=128)
+    composed = _composed(adapter_dirs, "linear-2")
+    engine.add_request("a", prompts[0], greedy(NUM_NEW), composed)
+    labels = set()
+    for _ in step_until_idle(engine):
+        if engine.scheduler.num_running:
+            labels.add(_lora_info(engine.stats()).samples[0].labels["running_lora_adapters"])
+    assert labels == {"linear(0.7*acme/tone+0.3*acme/sql)"}
+    tone, sql = (lora(adapter_dirs[n]).key for n in ("acme/tone", "acme/sql"))
+    assert {composed.key, tone, sql} <= set(engine.residency_control.host_cache.keys())
+    assert engine.residency(composed.key) == "device" and engine.residency_control.num_loads == 1
+    again = composed_lora([lora(adapter_dirs[n]) for n in ("acme/tone", "acme/sql")], [0.7, 0.3], MergeSpec())
+    run_to_completion(engine, {"b": (prompts[1], greedy(2), again)})  # an equal request reuses the slot
+    assert engine.residency_control.num_loads == 1

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
@@ -27,10 +28,13 @@ from loraplex.engine.lora_weights import HostLora
 from loraplex.engine.model import LORA_MODULES
 from loraplex.engine.types import LoraRequest
 
-METHODS = ("linear", "ties", "dare_linear", "dare_ties")
-SIGN_METHODS = ("total", "frequency")
+MergeMethod = Literal["linear", "ties", "dare_linear", "dare_ties"]
+SignMethod = Literal["total", "frequency"]
+METHODS: tuple[str, ...] = get_args(MergeMethod)
+SIGN_METHODS: tuple[str, ...] = get_args(SignMethod)
 MAX_COMPONENTS = 8
 MAX_WEIGHT = 100.0  # |weight|; beyond it a bf16 delta overflows long before it means anything
+MAX_SEED = 2**63 - 1  # dare masks' seed (as the sampling seed: a JSON-safe non-negative int64)
 
 
 class CompositionError(AdapterError):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from loraplex.api.schemas.compositions import MAX_COMPONENTS, AdapterComponent, MergeOptions
 from loraplex.api.schemas.structured import (
     MAX_TOOLS,
     ResponseFormat,
@@ -65,7 +66,13 @@ class StreamOptions(_Request):
 class SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str | None = Field(None, min_length=1, max_length=256,
+                              description="The base model or one adapter id. Required unless `adapters` is given; "
+                                          "with `adapters` it may only be the base model's name.")
+    adapters: list[AdapterComponent] | None = Field(
+        None, min_length=1, max_length=MAX_COMPONENTS,
+        description="Extension: a weighted composition of adapters to run with (each must be usable by the caller).")
+    merge: MergeOptions | None = Field(None, description="Extension: how `adapters` are composed (default linear).")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

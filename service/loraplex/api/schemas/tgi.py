@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loraplex.api.schemas.openai import MAX_N, MAX_SEED
+from loraplex.api.schemas.compositions import MergedAdapters
 
 MAX_TOP_N_TOKENS = 5  # TGI's default limit
 
@@ -38,6 +39,7 @@ class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # wrong JSON types are refused, not coerced
 
     adapter_id: str | None = Field(None, max_length=256, description="LoRAX: `<tenant>/<name>`; null = base model.")
+    merged_adapters: MergedAdapters | None = Field(None, description="LoRAX: a weighted composition (not with adapter_id).")
     max_new_tokens: int | None = Field(None, ge=1)
     do_sample: bool = False
     temperature: float | None = Field(None, ge=0.0, le=100.0)

@@ -23,6 +23,7 @@ from loraplex.api.schemas.openai import (
 from loraplex.api.schemas.structured import FunctionCallDelta, ToolCall, ToolCallDelta
 from loraplex.api.serving import generation, tool_calls
 from loraplex.api.serving.completions import usage
+from loraplex.api.serving.compositions import openai_adapter
 from loraplex.api.serving.context import GenerationContext
 from loraplex.api.serving.generation import Accumulator, Generation
 from loraplex.api.serving.guides import compile_guide, openai_guide
@@ -33,7 +34,6 @@ from loraplex.api.serving.prompts import (
     check_prompt_chars,
     encode_chat,
     output_budget,
-    resolve_model,
     sampling_params,
     stop_strings,
 )
@@ -59,7 +59,7 @@ async def create_chat_completion(
 
 async def prepare(body: ChatCompletionRequest, ctx: GenerationContext, tools: ToolPlan) -> PreparedRequest:
     stop = stop_strings(body.stop_list, ctx.settings.max_stop_sequences)
-    lora = await resolve_model(ctx, body.model)
+    model, lora = await openai_adapter(ctx, body)
     messages = [_template_message(m) for m in body.messages]
     check_prompt_chars(sum(len(m["content"]) for m in messages), ctx.settings.max_prompt_chars, "messages")
     prompt_ids = await ctx.tokenize(encode_chat, ctx.engine.tokenizer, messages, tools.template_tools(),
@@ -73,7 +73,7 @@ async def prepare(body: ChatCompletionRequest, ctx: GenerationContext, tools: To
     max_tokens = output_budget(requested, None, len(prompt_ids), ctx.engine.max_model_len, param)
     params = sampling_params(max_tokens, stop, **body.model_dump(include=OPENAI_SAMPLING_FIELDS), guide=guide,
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-    return PreparedRequest(ctx.new_engine_request_id(), body.model, prompt_ids, params, lora)
+    return PreparedRequest(ctx.new_engine_request_id(), model, prompt_ids, params, lora)
 
 
 def _guide(body: ChatCompletionRequest, tools: ToolPlan):

@@ -14,6 +14,7 @@ from loraplex.api.schemas.openai import (
     UsageInfo,
 )
 from loraplex.api.serving import generation
+from loraplex.api.serving.compositions import openai_adapter
 from loraplex.api.serving.context import GenerationContext
 from loraplex.api.serving.generation import Accumulator, Generation
 from loraplex.api.serving.guides import compile_guide, openai_guide
@@ -24,7 +25,6 @@ from loraplex.api.serving.prompts import (
     check_prompt_chars,
     encode_text,
     output_budget,
-    resolve_model,
     sampling_params,
     stop_strings,
 )
@@ -60,7 +60,7 @@ def _num_runs(body: CompletionRequest) -> int:
 
 async def prepare(body: CompletionRequest, ctx: GenerationContext) -> PreparedRequest:
     stop = stop_strings(body.stop_list, ctx.settings.max_stop_sequences)
-    lora = await resolve_model(ctx, body.model)
+    model, lora = await openai_adapter(ctx, body)
     prompt = _single_prompt(body.prompt)
     if isinstance(prompt, str):
         check_prompt_chars(len(prompt), ctx.settings.max_prompt_chars, "prompt")
@@ -76,7 +76,7 @@ async def prepare(body: CompletionRequest, ctx: GenerationContext) -> PreparedRe
         max_tokens, stop, **body.model_dump(include=OPENAI_SAMPLING_FIELDS), logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None, guide=guide,
     )
-    return PreparedRequest(ctx.new_engine_request_id(), body.model, prompt_ids, params, lora)
+    return PreparedRequest(ctx.new_engine_request_id(), model, prompt_ids, params, lora)
 
 
 def usage(*results: Accumulator) -> UsageInfo:

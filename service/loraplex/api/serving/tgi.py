@@ -23,6 +23,7 @@ from loraplex.api.schemas.tgi import (
     Token,
 )
 from loraplex.api.serving import generation
+from loraplex.api.serving.compositions import tgi_adapter
 from loraplex.api.serving.context import GenerationContext
 from loraplex.api.serving.generation import Accumulator, Generation
 from loraplex.api.serving.guides import compile_guide, json_schema_guide
@@ -32,7 +33,6 @@ from loraplex.api.serving.prompts import (
     check_prompt_chars,
     encode_text,
     output_budget,
-    resolve_model,
     sampling_params,
     stop_strings,
 )
@@ -72,8 +72,7 @@ async def generate_stream(body: GenerateRequest, ctx: GenerationContext) -> SSER
 async def prepare(body: GenerateRequest, ctx: GenerationContext) -> PreparedRequest:
     parameters = body.parameters
     stop = stop_strings(parameters.stop, ctx.settings.max_stop_sequences, param="parameters.stop")
-    model = parameters.adapter_id or ctx.engine.model_name
-    lora = await resolve_model(ctx, model)
+    model, lora = await tgi_adapter(ctx, parameters)
     check_prompt_chars(len(body.inputs), ctx.settings.max_prompt_chars, "inputs")
     prompt_ids = await ctx.tokenize(encode_text, ctx.engine.tokenizer, body.inputs)
     guide = _guide(parameters.grammar)
