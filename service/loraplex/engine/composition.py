@@ -38,11 +38,7 @@ MAX_SEED = 2**63 - 1  # dare masks' seed (as the sampling seed: a JSON-safe non-
 
 
 class CompositionError(AdapterError):
-    """A composition that cannot be built (ranks); `param` names the request field (API: a 400)."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
+    """A composition that cannot be built (ranks): a 400 naming the request field given as `param`."""
 
 
 @dataclass(frozen=True)
