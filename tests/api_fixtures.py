@@ -25,6 +25,7 @@ MAX_REQUEST_BYTES = 100_000
 GOOD_ADAPTER = "acme/sql"
 OTHER_ADAPTER = "globex/chat"
 DORA_ADAPTER = "acme/dora"
+IA3_ADAPTER = "acme/ia3"  # a kind that cannot be served
 BIG_RANK_ADAPTER = "acme/big"
 
 
@@ -58,6 +59,7 @@ def api_adapters(api_settings) -> dict[str, Path]:
         BIG_RANK_ADAPTER: make_demo_adapter(model_dir, data_dir / BIG_RANK_ADAPTER, r=32, seed=3),
     }
     paths[DORA_ADAPTER] = make_peft_adapter(model_dir, data_dir / DORA_ADAPTER, use_dora=True)
+    paths[IA3_ADAPTER] = make_ia3_adapter(model_dir, data_dir / IA3_ADAPTER)
     paths["demo/example"] = ensure_example_adapter(data_dir, seed=api_settings.seed)  # README's examples use it
     return paths
 
@@ -73,6 +75,15 @@ def make_peft_adapter(model_dir: Path, out_dir: Path, **lora_fields) -> Path:
     config = LoraConfig(task_type="CAUSAL_LM", **{**fields, **lora_fields})
     torch.manual_seed(0)
     get_peft_model(base, config).save_pretrained(out_dir)
+    return out_dir
+
+
+def make_ia3_adapter(model_dir: Path, out_dir: Path) -> Path:
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(out_dir)
     return out_dir
 
 

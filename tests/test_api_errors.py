@@ -8,7 +8,7 @@ import pytest
 from loraplex.engine.errors import EngineNotRunningError, QueueFullError
 from tests.api_fixtures import (
     BIG_RANK_ADAPTER,
-    DORA_ADAPTER,
+    IA3_ADAPTER,
     MAX_MODEL_LEN,
     MAX_REQUEST_BYTES,
     MAX_STOP_SEQUENCES,
@@ -92,8 +92,8 @@ def test_unknown_model_is_404(api_client):
 
 
 def test_unservable_adapters_are_400_not_base_fallback(api_client, api_adapters):
-    error = assert_envelope(api_client.post("/v1/completions", json={**GOOD, "model": DORA_ADAPTER}), 400, param="model")
-    assert error["code"] == "invalid_adapter" and "DoRA" in error["message"]
+    error = assert_envelope(api_client.post("/v1/completions", json={**GOOD, "model": IA3_ADAPTER}), 400, param="model")
+    assert error["code"] == "invalid_adapter" and "peft_type 'IA3' is not supported" in error["message"]
     error = assert_envelope(api_client.post("/v1/completions", json={**GOOD, "model": BIG_RANK_ADAPTER}), 400)
     assert "max_lora_rank" in error["message"]
 
@@ -152,7 +152,7 @@ def test_bug_is_500_envelope_without_details(api_client, api_engine, monkeypatch
 
 def test_service_is_healthy_after_errors(api_client):
     api_client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
-    api_client.post("/v1/completions", json={**GOOD, "model": DORA_ADAPTER})
+    api_client.post("/v1/completions", json={**GOOD, "model": IA3_ADAPTER})
     api_client.post("/v1/completions", json={**GOOD, "max_tokens": 10_000})
     assert api_client.get("/healthz").status_code == 200
     assert api_client.get("/readyz").status_code == 200

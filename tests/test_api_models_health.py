@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shutil
 
-from tests.api_fixtures import BIG_RANK_ADAPTER, DORA_ADAPTER, GOOD_ADAPTER, OTHER_ADAPTER, completion
+from tests.api_fixtures import BIG_RANK_ADAPTER, DORA_ADAPTER, GOOD_ADAPTER, IA3_ADAPTER, OTHER_ADAPTER, completion
 
 
 def model_ids(client) -> list[str]:
@@ -19,7 +19,8 @@ def test_models_lists_base_and_servable_adapters(api_client, api_adapters):
     assert list(cards)[0] == "demo" and cards["demo"]["parent"] is None
     assert cards[GOOD_ADAPTER]["owned_by"] == "acme" and cards[GOOD_ADAPTER]["parent"] == "demo"
     assert cards[OTHER_ADAPTER]["owned_by"] == "globex"
-    assert DORA_ADAPTER not in cards and BIG_RANK_ADAPTER not in cards  # refused adapters are not offered
+    assert IA3_ADAPTER not in cards and BIG_RANK_ADAPTER not in cards  # refused adapters are not offered
+    assert cards[DORA_ADAPTER]["owned_by"] == "acme"  # DoRA is served
     assert all(card["object"] == "model" for card in cards.values())
 
 

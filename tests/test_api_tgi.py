@@ -9,7 +9,7 @@ import pytest
 import text_generation
 from text_generation.errors import BadRequestError
 
-from tests.api_fixtures import DORA_ADAPTER, GOOD_ADAPTER, MAX_MODEL_LEN, completion, sse_payloads
+from tests.api_fixtures import GOOD_ADAPTER, IA3_ADAPTER, MAX_MODEL_LEN, completion, sse_payloads
 
 PROMPT = "Once upon a time"
 pytestmark = pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")  # inside text_generation
@@ -73,7 +73,7 @@ def test_generate_stream_events(api_client):
         ({"grammar": {"type": "json", "value": "{no"}}, 400, "invalid_parameter"),
         ({"max_new_tokens": MAX_MODEL_LEN}, 400, "context_length_exceeded"),
         ({"adapter_id": "acme/missing"}, 404, "model_not_found"),
-        ({"adapter_id": DORA_ADAPTER}, 400, "invalid_adapter"),
+        ({"adapter_id": IA3_ADAPTER}, 400, "invalid_adapter"),
     ],
 )
 def test_generate_errors_use_the_envelope(api_client, api_adapters, parameters, status, code):

@@ -99,6 +99,8 @@ def _check(components: list[LoraRequest], weights: list[float], merge: MergeSpec
 
 def compose(lora: ComposedLora, hosts: list[HostLora], max_rank: int, dtype: torch.dtype) -> HostLora:
     """hosts: the components' host weights, in `lora.components` order."""
+    if any(h.magnitudes for h in hosts):  # PEFT's add_weighted_adapter refuses DoRA too; its deltas are not additive
+        raise CompositionError("DoRA adapters cannot be composed (a DoRA output is scaled, not a sum of deltas)", lora.param)
     modules = sorted(set().union(*(h.weights for h in hosts)), key=lambda where: (where[0], LORA_MODULES.index(where[1])))
     generator = torch.Generator(device="cpu").manual_seed(lora.merge.seed) if lora.merge.method.startswith("dare") else None
     weights = {}

@@ -1,4 +1,4 @@
-"""Read a PEFT LoRA adapter (safetensors only) into host tensors shaped for the slot pool."""
+"""Read a PEFT LoRA or DoRA adapter (safetensors only) into host tensors shaped for the slot pool."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,9 @@ from loraplex.engine.model import ATTN_MODULES
 from loraplex.engine.module_patterns import PatternError, PatternTable
 
 _KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(?:lora_([AB])\.weight|lora_magnitude_vector)$"
 )
-_UNSUPPORTED_FLAGS = ("use_dora", "lora_bias")
+_UNSUPPORTED_FLAGS = ("lora_bias",)
 
 
 @dataclass
@@ -28,10 +28,12 @@ class HostLora:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     max_rank: int
     scales: dict[tuple[int, str], float] = field(default_factory=dict)  # the scale folded into B (composition needs it)
+    magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # DoRA: m [d_out], fp32
 
     @property
     def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+        pairs = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+        return pairs + sum(m.numel() * m.element_size() for m in self.magnitudes.values())
 
 
 def read_adapter(key: str, path: str, max_rank: int, shapes: dict[tuple[int, str], tuple[int, int]], dtype) -> HostLora:
@@ -40,7 +42,8 @@ def read_adapter(key: str, path: str, max_rank: int, shapes: dict[tuple[int, str
     config = _read_config(directory / "adapter_config.json")
     alpha_pattern = _alpha_pattern(config)
     tensors = _read_tensors(directory / "adapter_model.safetensors")
-    pairs = _pair_tensors(tensors)
+    pairs, magnitudes = _pair_tensors(tensors)
+    _check_magnitudes(config, pairs, magnitudes)
     weights, scales = {}, {}
     for (layer, module), (a, b) in pairs.items():
         _check_shapes(layer, module, a, b, shapes, max_rank)
@@ -50,7 +53,8 @@ def read_adapter(key: str, path: str, max_rank: int, shapes: dict[tuple[int, str
         scales[(layer, module)] = scale
     if not weights:
         raise AdapterError(f"adapter {key!r} holds no LoRA weights for a supported module")
-    return HostLora(key, weights, max(a.shape[0] for a, _ in weights.values()), scales)
+    return HostLora(key, weights, max(a.shape[0] for a, _ in weights.values()), scales,
+                    {where: m.float().contiguous() for where, m in magnitudes.items()})
 
 
 def _read_config(path: Path) -> dict:
@@ -86,7 +90,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"unreadable adapter_model.safetensors: {exc}") from None
 
 
-def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+def _pair_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """-> (layer, module) -> (A, B), and (layer, module) -> DoRA magnitude."""
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         match = _KEY_RE.match(name)
@@ -95,13 +100,26 @@ def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], tup
         layer, _, module, half = match.groups()
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"tensor {name!r} holds NaN or inf")
-        halves.setdefault((int(layer), module), {})[half] = tensor
-    pairs = {}
+        halves.setdefault((int(layer), module), {})[half or "M"] = tensor
+    pairs, magnitudes = {}, {}
     for where, found in halves.items():
-        if set(found) != {"A", "B"}:
+        if not {"A", "B"} <= set(found):
             raise AdapterError(f"layer {where[0]} {where[1]} lacks lora_A or lora_B")
         pairs[where] = (found["A"], found["B"])
-    return pairs
+        if "M" in found:
+            magnitudes[where] = found["M"]
+    return pairs, magnitudes
+
+
+def _check_magnitudes(config: dict, pairs: dict, magnitudes: dict) -> None:
+    """DoRA: a magnitude [d_out] for every module exactly when use_dora is true."""
+    use_dora = config.get("use_dora") is True
+    for (layer, module), (_, b) in pairs.items():
+        magnitude = magnitudes.get((layer, module))
+        if use_dora and (magnitude is None or tuple(magnitude.shape) != (b.shape[0],)):
+            raise AdapterError(f"DoRA adapter (use_dora: true) lacks a [{b.shape[0]}] lora_magnitude_vector at layer {layer} {module}")
+        if not use_dora and magnitude is not None:
+            raise AdapterError(f"layer {layer} {module} has a DoRA magnitude vector, but use_dora is not true")
 
 
 def _check_shapes(layer, module, a, b, shapes, max_rank) -> None:

@@ -2,6 +2,8 @@
 
 merge(slot): W := W0 + B[slot] A[slot] for each module the adapter touches (originals W0 kept), and
 the compensation slot := -B A, which every other token applies so it still sees W0 + its own delta.
+A DoRA adapter merges as PEFT merges it, W := scale * (W0 + B A) (engine/dora.py); its compensation
+slot also holds 1 / scale, which other tokens' base output is divided by first.
 unmerge(): W := W0, copied back bit for bit, so any number of cycles leaves the base unchanged.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import time
 
 import torch
 
+from loraplex.engine.dora import merged_weight
 from loraplex.engine.lora_pool import LoraPool
 
 
@@ -17,7 +20,7 @@ class MergeManager:
     def __init__(self, pool: LoraPool, compensation_slot: int):
         self.pool, self.compensation_slot = pool, compensation_slot
         self.merged_slot: int | None = None
-        self._originals: dict[tuple[int, str], torch.Tensor] = {}
+        self._originals = pool.originals  # shared: DoRA norms of adapters loaded while merged read W0 there
         self.last_switch_s = 0.0
 
     @torch.inference_mode()
@@ -29,8 +32,12 @@ class MergeManager:
                 continue
             original = linear.weight.detach().clone()
             self._originals[where] = original
-            delta = linear.lora_bt[slot].float().t() @ linear.lora_a[slot].float()  # [d_out, r] @ [r, d_in]
-            linear.weight.copy_((original.float() + delta).to(original.dtype))
+            a, b = linear.lora_a[slot], linear.lora_bt[slot].t()  # [r, d_in], [d_out, r]
+            if slot in linear.dora_slots:
+                merged = merged_weight(original, a, b, linear.dora_scale[slot])
+            else:
+                merged = original.float() + b.float() @ a.float()  # [d_out, r] @ [r, d_in]
+            linear.weight.copy_(merged.to(original.dtype))
         self.pool.write_negated(self.compensation_slot, slot)
         self.merged_slot = slot
         self._synchronize()

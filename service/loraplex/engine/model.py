@@ -14,6 +14,7 @@ from torch import nn
 
 from loraplex.engine.attention import AttentionMetadata, attend
 from loraplex.engine.family import FamilySpec, LayerSpec
+from loraplex.engine.dora import apply_dora_scale, undo_merged_scale
 from loraplex.engine.lora_ops import LoraBatch, SlotSet, add_lora
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -43,6 +44,8 @@ class LoraLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [num_slots, r, d_in]
         self.lora_bt: torch.Tensor | None = None  # [num_slots, r, d_out] (B transposed)
         self.active_slots = SlotSet()  # slots holding non-zero weights for this module
+        self.dora_scale: torch.Tensor | None = None  # [num_slots, d_out]: DoRA output scale, ones elsewhere (dora.py)
+        self.dora_slots = SlotSet()  # slots whose dora_scale row is not ones
 
     @property
     def in_features(self) -> int:
@@ -61,11 +64,15 @@ class LoraLinear(nn.Module):
         """In place on y (possibly a column slice of a fused output)."""
         if self.lora_a is None:
             return
+        if self.dora_slots.mask:
+            undo_merged_scale(y, self, lora)  # a DoRA adapter is merged: other tokens' base output / its scale
         mask = self.active_slots.mask
         if mask & lora.used_mask:
             add_lora(y, x, self.lora_a, self.lora_bt, lora)
         if lora.compensation is not None and mask & lora.compensation.used_mask:
             add_lora(y, x, self.lora_a, self.lora_bt, lora.compensation)
+        if self.dora_slots.mask:
+            apply_dora_scale(y, self, lora)  # DoRA tokens: m / ||W + sBA|| per output feature
 
 
 class FusedProjection(nn.Module):

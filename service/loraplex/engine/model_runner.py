@@ -31,7 +31,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[SamplerOutput, dict[str, list]]:
         """The sampled token (+ logprobs) for each of batch.sampled_seqs, in that order, and the prompt
         logprobs computed this step (request id -> entries for this chunk's prompt positions)."""
-        if self.compiled is not None and batch.decode_seqs and not batch.prefill_chunks:
+        if self.compiled is not None and batch.decode_seqs and not batch.prefill_chunks and not self._uses_dora(batch):
             logits, wanting = self._decode_compiled(batch.decode_seqs), []  # [n, V]
         else:
             input_ids, forward_batch, wanting = self._prepare(batch)
@@ -45,6 +45,11 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
+
+    def _uses_dora(self, batch: ScheduledBatch) -> bool:
+        """DoRA's per-slot output scale (engine/dora.py) runs on the eager path only."""
+        dora = self.merge.pool.dora_slots
+        return bool(dora) and (self.merge.compensation_slot in dora or any(s.slot in dora for s in batch.decode_seqs))
 
     def _decode_compiled(self, decode: list[Sequence]) -> torch.Tensor:
         """Pads the batch to its bucket (token 0 at position 0, adapter slot 0); logits [n, V] of the real rows."""
