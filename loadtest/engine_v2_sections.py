@@ -93,19 +93,23 @@ def _warm_adapters(engine: LLMEngine, factory: EngineFactory, num_adapters: int)
 
 # --- (b) chunked prefill --------------------------------------------------------------------------
 def chunked_prefill_run(factory: EngineFactory, max_num_batched_tokens: int, long_prompt: list[int],
-                        num_streams=16, long_new_tokens=8) -> dict:
-    """16 streams decode; the long prompt arrives; the streams' longest gap until its first token."""
+                        num_streams=16, long_new_tokens=8, **limits) -> dict:
+    """16 streams decode; the long prompt arrives; the streams' longest gap until its second token."""
     rng = random.Random(2)
-    engine = factory.engine(max_num_batched_tokens=max_num_batched_tokens)
+    engine = factory.engine(max_num_batched_tokens=max_num_batched_tokens, **limits)
     for i in range(num_streams):
         engine.add_request(f"s{i}", _ids(rng, 32), greedy(1000 - 40), None)
     for _ in range(3):  # all streams admitted and decoding
         engine.step()
     last_token_at = {f"s{i}": time.perf_counter() for i in range(num_streams)}
     engine.add_request("long", long_prompt, greedy(long_new_tokens), None)
-    arrived, max_gap, first_token_s, long_tokens = time.perf_counter(), 0.0, None, []
+    arrived, max_gap, first_token_s, long_tokens, chunks = time.perf_counter(), 0.0, None, [], []
+    long_seq = engine._seqs["long"]
     while len(long_tokens) < long_new_tokens:
+        computed = long_seq.num_computed_tokens
         results = engine.step()
+        if first_token_s is None:
+            chunks.append(long_seq.num_computed_tokens - computed)
         now = time.perf_counter()
         for request_id, out in results:
             if request_id == "long":
@@ -114,21 +118,18 @@ def chunked_prefill_run(factory: EngineFactory, max_num_batched_tokens: int, lon
             elif first_token_s is None or len(long_tokens) <= 1:
                 max_gap = max(max_gap, now - last_token_at[request_id])
                 last_token_at[request_id] = now
-    return {"max_num_batched_tokens": max_num_batched_tokens, "max_stream_gap_s": max_gap,
-            "long_ttft_s": first_token_s, "long_tokens": long_tokens}
+    return {"max_num_batched_tokens": max_num_batched_tokens, **limits, "max_stream_gap_s": max_gap,
+            "long_ttft_s": first_token_s, "long_chunk_tokens": chunks, "long_tokens": long_tokens}
 
 
 def prefill_alone_s(factory: EngineFactory, long_prompt: list[int]) -> tuple[float, list[int]]:
-    """The whole prompt prefilled in one step with nothing else running (median of 3)."""
-    times, tokens = [], []
-    for _ in range(3):
-        engine = factory.engine(max_num_batched_tokens=len(long_prompt), enable_prefix_caching=False)
-        engine.add_request("alone", long_prompt, greedy(8), None)
-        started = time.perf_counter()
-        first = engine.step()
-        times.append(time.perf_counter() - started)
-        tokens = [t for _, out in first for t in out.new_token_ids] + _finish(engine, "alone")
-    return statistics.median(times), tokens
+    """The whole prompt prefilled in one step with nothing else running."""
+    engine = factory.engine(max_num_batched_tokens=len(long_prompt), enable_prefix_caching=False)
+    engine.add_request("alone", long_prompt, greedy(8), None)
+    started = time.perf_counter()
+    first = engine.step()
+    elapsed = time.perf_counter() - started
+    return elapsed, [t for _, out in first for t in out.new_token_ids] + _finish(engine, "alone")
 
 
 def hf_greedy(model_dir, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -21,6 +21,7 @@ class EngineConfig:
     max_model_len: int = 1024  # engine_factory derives the default from the model (engine/context_limit.py)
     allow_long_max_model_len: bool = False  # accept a max_model_len past the model's own limit
     max_num_batched_tokens: int = 2048  # tokens computed per step; longer prompts are prefilled in chunks
+    chunk_by_compute: bool = True  # size prompt chunks by compute (attention to the context included), not tokens
     kv_block_size: int = 16  # tokens per KV cache block
     kv_cache_bytes: int = 0  # KV cache budget; 0: kv_cache_memory_share of the device's memory
     kv_cache_memory_share: float = 0.0  # 0: the default share (see kv_cache.py)

@@ -52,7 +52,8 @@ class LLMEngine:
         self.slots = AdapterSlots(config.max_loras)
         self.residency_control = AdapterResidency(self.lora_pool, self.slots, config.max_cpu_loras,
                                                   config.max_lora_rank, config.torch_dtype)
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
+                                   context_cost(model) if config.chunk_by_compute else None)
         self.merge = MergeManager(self.lora_pool, compensation_slot=config.max_loras + 1)
         self.merging = MergeControl(self.merge, self.slots, self.residency_control.pinned_keys, config.default_merge_mode)
         self.vocab_size = mc.vocab_size
@@ -277,6 +278,13 @@ def _build_kv_cache(config: EngineConfig, num_layers: int, num_kv: int, head_dim
     num_blocks = num_blocks_for(budget, token_bytes, config.kv_block_size,
                                 config.max_num_seqs * config.max_model_len, config.max_model_len)
     return KVCache(num_layers, num_blocks, config.kv_block_size, num_kv, head_dim, config.torch_dtype, device)
+
+
+def context_cost(model: LlamaForServing) -> float:
+    """Context positions whose attention (q.k and p.v: 4 * heads * head_dim flops per layer and token)
+    costs as much as one token through a layer's weights (2 flops per weight)."""
+    weights = sum(m.weight.numel() for (layer, _), m in model.lora_linears().items() if layer == 0)
+    return weights / (2 * model.config.num_attention_heads * model.head_dim)
 
 
 def _eos_ids(tokenizer, model) -> set[int]:

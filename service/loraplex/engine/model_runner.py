@@ -5,7 +5,7 @@ import itertools
 
 import torch
 
-from loraplex.engine.attention import AttentionMetadata, PrefillChunk, PrefillGroup
+from loraplex.engine.attention import AttentionMetadata, PrefillChunk, PrefillGroup, build_decode_groups
 from loraplex.engine.compiled_lora import build_decode_lora
 from loraplex.engine.compiled_step import CompiledDecode, bucket_for
 from loraplex.engine.kv_cache import KVCache
@@ -115,26 +115,18 @@ class ModelRunner:
         return build_lora_batch(decode_slots, prefill_runs, self.device, pool.num_slots, pool.max_rank, compensation)
 
     def _attention_metadata(self, decode: list[Sequence], chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
-        tables = lengths = None
-        max_decode_len = 0
+        groups = ()
         if decode:
-            max_decode_len = max(s.num_tokens for s in decode)
-            tables = self._padded_tables([s.block_table for s in decode], -(-max_decode_len // self.block_size))
-            lengths = self._tensor([s.num_tokens for s in decode])
+            groups = build_decode_groups([s.num_tokens for s in decode], [s.block_table for s in decode],
+                                         self.block_size, self._tensor)
         fresh = [c for c in chunks if c.start == 0]
         return AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decode=len(decode),
-            decode_block_tables=tables,  # [n, max_blocks]
-            decode_lengths=lengths,  # [n]
-            max_decode_len=max_decode_len,
+            decode_groups=groups,
             prefill_groups=self._prefill_groups(len(decode), fresh),
             prefill_chunks=self._prefill_chunks(len(decode) + sum(c.num_tokens for c in fresh), chunks[len(fresh):]),
         )
-
-    def _padded_tables(self, tables: list[list[int]], width: int) -> torch.Tensor:
-        """[n, width] block ids; padding points at block 0 (masked out by length)."""
-        return self._tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables]).view(len(tables), width)
 
     def _prefill_groups(self, token_start: int, fresh: list[ScheduledChunk]) -> tuple[PrefillGroup, ...]:
         groups = []

@@ -12,9 +12,16 @@ Admission is fair across tenants (a virtual token counter): waiting sequences ar
 order of how many tokens their tenant has been served, so one tenant's flood cannot starve another;
 within a tenant, arrival order holds. A tenant that becomes active starts level with the least
 served active tenant (it gets no credit for having been idle).
+
+With `context_cost` (context positions whose attention costs as much as one token through the layers'
+weights), a prompt chunk is sized by compute, not by token count: a chunk of n tokens after s computed
+ones costs n + n * (s + (n + 1) / 2) / context_cost token-equivalents. Deep in a long prompt every
+token attends to everything before it, so later chunks get fewer tokens and no step costs more than
+the budget's worth of compute (the decodes beside it stall no longer than that).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,9 +67,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, slots: AdapterSlots, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, slots: AdapterSlots, max_num_seqs: int, max_num_batched_tokens: int,
+                 context_cost: float | None = None):
         self.blocks, self.slots = blocks, slots
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.context_cost = context_cost  # None: chunks are sized by token count alone
         self.watermark_blocks = max(1, blocks.num_blocks // 100)  # kept free at admission for decodes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
@@ -92,10 +101,11 @@ class Scheduler:
         decode_seqs = self._schedule_decodes()
         budget = self.max_num_batched_tokens - len(decode_seqs)
         chunks = self._continue_prefills(budget)
-        budget -= sum(c.num_tokens for c in chunks)
+        budget -= sum(self._cost(c) for c in chunks)
         admitted, loads = self._admit(budget)
         chunks += admitted
-        chunks.sort(key=lambda c: (c.start > 0, c.num_tokens if c.start == 0 else 0))
+        # fresh prompts by length, then continuation chunks by shape: equal neighbours share one attention call
+        chunks.sort(key=lambda c: (c.start > 0, c.num_tokens, c.start))
         self.max_num_running = max(self.max_num_running, len(self.running))
         return ScheduledBatch(decode_seqs, chunks, loads)
 
@@ -118,10 +128,24 @@ class Scheduler:
         chunks = []
         for seq in self.running:
             if seq.num_uncomputed_tokens > 1 and budget > 0:
-                chunk = ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget))
+                chunk = self._chunk(seq, budget)
                 chunks.append(chunk)
-                budget -= chunk.num_tokens
+                budget -= self._cost(chunk)
         return chunks
+
+    def _chunk(self, seq: Sequence, budget: int) -> ScheduledChunk:
+        """The next chunk of `seq` that fits `budget` (at least one token, so every prefill advances)."""
+        start, num_tokens = seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget)
+        if self.context_cost is not None and num_tokens > 1:
+            num_tokens = max(1, min(num_tokens, chunk_tokens_for_cost(start, budget, self.context_cost)))
+        return ScheduledChunk(seq, start, num_tokens)
+
+    def _cost(self, chunk: ScheduledChunk) -> int:
+        """Token-equivalents of a chunk (its token count when chunks are sized by tokens)."""
+        n = chunk.num_tokens
+        if self.context_cost is None:
+            return n
+        return math.ceil(n + n * (chunk.start + (n + 1) / 2) / self.context_cost)
 
     def _admit(self, budget: int) -> tuple[list[ScheduledChunk], list[tuple[LoraRequest, int]]]:
         admitted, loads = [], []
@@ -136,9 +160,9 @@ class Scheduler:
             if not self.blocks.can_allocate(seq.num_tokens + reserve * self.blocks.block_size, match):
                 break  # wait for blocks rather than let later, shorter requests overtake forever
             self._start(seq, match)
-            chunk = ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget))
+            chunk = self._chunk(seq, budget)
             admitted.append(chunk)
-            budget -= chunk.num_tokens
+            budget -= self._cost(chunk)
         return admitted, loads
 
     def _ensure_adapter(self, lora: LoraRequest, loads: list) -> bool:
@@ -206,3 +230,15 @@ class Scheduler:
         for seq in failed:
             self.finish(seq, FinishReason.ABORT)
         return failed
+
+
+def chunk_tokens_for_cost(start: int, budget: int, context_cost: float) -> int:
+    """The most tokens n after `start` computed ones with n + n * (start + (n + 1) / 2) / context_cost <= budget."""
+    a, b = 1 / (2 * context_cost), 1 + (start + 0.5) / context_cost  # cost(n) = a n^2 + b n
+    cost = lambda n: a * n * n + b * n  # noqa: E731
+    n = int(2 * budget / (b + math.sqrt(b * b + 4 * a * budget)))  # the positive root, without cancellation
+    while cost(n + 1) <= budget:  # float rounding either way
+        n += 1
+    while n > 0 and cost(n) > budget:
+        n -= 1
+    return n
