@@ -205,3 +205,17 @@ def test_compiled_decode_falls_back_to_eager_for_dora(demo_model_dir, setup):
     engine.set_merge_mode(request, "merged")
     _wait_merged(engine, request.key)
     _check(run_to_completion(engine, _requests(dirs, prompts, [None, *LORA])), refs)
+
+
+def test_dora_adapters_cannot_be_composed(demo_model_dir, setup):
+    """PEFT's add_weighted_adapter refuses DoRA; a composition would silently drop the magnitudes."""
+    from loraplex.engine.composition import CompositionError, MergeSpec, compose, composed_lora
+
+    dirs, _, _ = setup
+    names = ["acme/dora-qv", "acme/plain"]
+    request = composed_lora([lora(dirs[n]) for n in names], [0.5, 0.5], MergeSpec())
+    shapes = build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=8, max_model_len=64).lora_pool.module_shapes
+    hosts = [read_adapter(n, str(dirs[n]), 8, shapes, torch.float32) for n in names]
+    with pytest.raises(CompositionError, match="DoRA adapters cannot be composed") as caught:
+        compose(request, hosts, 16, torch.float32)
+    assert caught.value.param == "adapters"
