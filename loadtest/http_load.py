@@ -36,7 +36,7 @@ async def _burst(base_url: str, system: str, models: list[str], prompts: list[li
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
         start = time.perf_counter()
-        tasks = [_complete(client, model, prompt, max_tokens, stream, start)
+        tasks = [complete(client, model, prompt, max_tokens, stream, start)
                  for model, prompt in zip(models, prompts, strict=True)]
         done = await asyncio.gather(*tasks)
         wall_s = time.perf_counter() - start
@@ -57,8 +57,9 @@ def _body(model: str, prompt: list[int], max_tokens: int, stream: bool) -> dict:
     return body
 
 
-async def _complete(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
-                    stream: bool, start: float) -> Completion:
+async def complete(client: httpx.AsyncClient, model: str, prompt: list[int] | str, max_tokens: int,
+                   stream: bool, start: float) -> Completion:
+    """One completion; its latency and TTFT count from `start` (the burst's start, or its own send time)."""
     body = _body(model, prompt, max_tokens, stream)
     if not stream:
         resp = await client.post("/v1/completions", json=body)

@@ -55,15 +55,16 @@ def spawn_serve(env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, poll_s: float = 0.2) -> float:
-    """Seconds until `url`/readyz answers 200; RuntimeError if the process exits, TimeoutError after
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, poll_s: float = 0.2,
+               path: str = "/readyz") -> float:
+    """Seconds until `url` + `path` answers 200; RuntimeError if the process exits, TimeoutError after
     `timeout_s`, both quoting the end of the log."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout_s:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; log:\n{log_tail(log_path)}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2.0).status_code == 200:
                 return time.perf_counter() - start
         except httpx.HTTPError:
             pass
@@ -102,9 +103,13 @@ class Server:
         self._proc = spawn_serve(self.config.env(self.port), self.log_path)
         try:
             self.startup_s = wait_ready(self.url, self._proc, self.log_path, self.ready_timeout_s, poll_s=0.25)
-        except TimeoutError:
+        except BaseException:  # a timeout, or Ctrl-C while waiting: no server is left behind
             self.stop()
             raise
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self._proc is None or self._proc.poll() is not None:
