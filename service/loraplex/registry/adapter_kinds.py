@@ -19,7 +19,7 @@ from loraplex.registry.adapter_files import AdapterRefused
 
 LORA, DORA, PROMPT_TUNING, PREFIX_TUNING = "lora", "dora", "prompt_tuning", "prefix_tuning"
 ALL_KINDS = (LORA, DORA, PROMPT_TUNING, PREFIX_TUNING)
-SERVED_KINDS = frozenset({LORA, DORA})  # what the engine serves today; add a kind here when the engine serves it
+SERVED_KINDS = frozenset({LORA, DORA, PROMPT_TUNING, PREFIX_TUNING})  # what the engine serves today; add a kind here when the engine serves it
 
 _SHOWN = {LORA: "LoRA", DORA: "DoRA (use_dora: true)", PROMPT_TUNING: "prompt tuning (PROMPT_TUNING)",
           PREFIX_TUNING: "prefix tuning (PREFIX_TUNING)"}
