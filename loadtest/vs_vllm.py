@@ -6,8 +6,8 @@
 The workload is bench.py's (workload.py: random-weight Llama, hidden 576, 30 layers, 9 heads / 3 KV, ffn
 1536; 16 PEFT adapters r=8 on q,v). Only one server runs at a time: each repeat starts vLLM, runs its
 bursts, stops it, then does the same for loraplex (the order flips every repeat). A session warms up
-(every adapter loaded), then times a 1-token base burst, a base burst and a 16-adapter burst; the first
-session of each system also runs the greedy token check, the last one the Poisson mix. Throughputs are
+(every adapter loaded), then times a 1-token base burst, a base burst and a 16-adapter burst, each on prompts
+of its own (both servers cache prefixes, so no timed burst reuses an earlier one's KV); the first session of each system also runs the greedy token check, the last one the Poisson mix. Throughputs are
 medians over repeats. The roofline is measured with no server running. Prints a table with the targets,
 writes docs/vs_vllm.json and exits 1 if a target is missed (2 if vLLM is not set up).
 """
@@ -111,7 +111,10 @@ class Bench:
         self.args, self.built, self.rt, self.peer = args, built, rt, peer
         self.limits = servers.Limits(args.max_num_seqs, args.max_model_len, args.max_num_batched_tokens)
         wl = built.workload
-        self.prompts = workload.make_prompts(built)
+        # Both servers cache prompt prefixes (on by default in each): every burst of a session gets prompts of its
+        # own, so no timed burst reuses what the warm-up or an earlier burst computed. Same sets for both systems.
+        self.prompts = {burst: workload.make_prompts(replace(built, workload=replace(wl, seed=wl.seed + i)))
+                        for i, burst in enumerate(("base", "adapters", "first_token", "warmup"))}
         self.schedule = load.poisson_schedule([wl.adapter_name(i) for i in range(wl.num_adapters)],
                                               args.poisson_requests, args.poisson_rate)
         self.greedy: dict[str, list[dict]] = {}
@@ -127,8 +130,8 @@ class Bench:
     def session(self, system: servers.System, repeat: int) -> dict:
         """Start `system`, warm up, time its bursts (and the greedy check / Poisson mix when due), stop it."""
         args, wl = self.args, self.built.workload
-        base = [system.model(None)] * len(self.prompts)
-        adapted = [system.model(wl.adapter_for_request(i)) for i in range(len(self.prompts))]
+        base = [system.model(None)] * wl.num_requests
+        adapted = [system.model(wl.adapter_for_request(i)) for i in range(wl.num_requests)]
         _log(f"session {repeat + 1}/{args.repeats}: starting {system.name} (load {os.getloadavg()[0]:.2f})")
         with servers.start(system, self.built, self.rt, self.limits, self.peer, args.log_dir) as server:
             _log(f"{system.name} ready in {server.startup_s:.0f}s; warming up (every adapter)")
@@ -139,7 +142,7 @@ class Bench:
             for burst, models, max_tokens in (("first_token", base, 1), ("base", base, wl.new_tokens),
                                               ("adapters", adapted, wl.new_tokens)):
                 with load.LoadProbe(server.pid) as probe:
-                    runs[burst] = run_burst(server.url, f"{system.name}_{burst}", models, self.prompts, max_tokens)
+                    runs[burst] = run_burst(server.url, f"{system.name}_{burst}", models, self.prompts[burst], max_tokens)
                 probes[burst] = probe.result
                 _log(f"{system.name} {burst}: {runs[burst].tokens_per_s:.1f} tok/s, "
                      f"other load {probe.result['other_cores']:.2f} cores")
@@ -153,10 +156,10 @@ class Bench:
 
     def warm_up(self, url: str, system: servers.System) -> None:
         """A 2-token burst on the base model and one on each adapter: nothing timed loads an adapter."""
-        wl, n = self.built.workload, len(self.prompts)
-        run_burst(url, "warmup", [system.model(None)] * n, self.prompts, max_tokens=2)
+        wl, prompts = self.built.workload, self.prompts["warmup"]
+        run_burst(url, "warmup", [system.model(None)] * len(prompts), prompts, max_tokens=2)
         adapters = [system.model(wl.adapter_name(i)) for i in range(wl.num_adapters)]
-        run_burst(url, "warmup", adapters, [self.prompts[i % n] for i in range(len(adapters))], max_tokens=2)
+        run_burst(url, "warmup", adapters, [prompts[i % len(prompts)] for i in range(len(adapters))], max_tokens=2)
 
     def greedy_check(self, url: str, system: servers.System) -> list[dict]:
         wl = self.built.workload
