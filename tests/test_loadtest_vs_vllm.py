@@ -156,3 +156,14 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_a_vllm_that_never_gets_ready_leaves_nothing_running(tmp_path: Path) -> None:
+    peer = tmp_path / "vllm-cpu"
+    peer.write_text('#!/bin/bash\nsleep 300 &\necho $! > "$(dirname "$0")/child.pid"\nexec sleep 300\n')
+    built = type("Built", (), {"workload": Workload(num_adapters=1), "model_dir": tmp_path,
+                               "adapter_dir": lambda self, name: tmp_path / name})()
+    server = servers.VllmServer(peer, built, servers.Limits(), tmp_path / "vllm.log", ready_timeout_s=2)
+    with pytest.raises(TimeoutError):
+        server.__enter__()
+    assert not servers._group_alive(server.pid) and _gone(int((tmp_path / "child.pid").read_text()))
