@@ -195,3 +195,21 @@ def test_a_composition_is_listed_in_metrics_and_cached_like_an_adapter(demo_mode
     again = composed_lora([lora(adapter_dirs[n]) for n in ("acme/tone", "acme/sql")], [0.7, 0.3], MergeSpec())
     run_to_completion(engine, {"b": (prompts[1], greedy(2), again)})  # an equal request reuses the slot
     assert engine.residency_control.num_loads == 1
+
+
+def test_only_lora_adapters_compose_and_a_composition_has_no_files_to_probe(demo_model_dir, adapter_dirs, prompts,
+                                                                           tmp_path, monkeypatch):
+    from loraplex.engine import virtual_tokens
+    from tests.virtual_token_adapters import make_virtual_adapter
+
+    probed, peft_type_of = [], virtual_tokens.peft_type_of
+    monkeypatch.setattr(virtual_tokens, "peft_type_of", lambda path: probed.append(path) or peft_type_of(path))
+    prompt_tuning = make_virtual_adapter(demo_model_dir, tmp_path / "acme" / "prompt", "PROMPT_TUNING", 4)
+    engine = build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=32, max_model_len=128)
+    bad = composed_lora([lora(adapter_dirs["acme/tone"]), lora(prompt_tuning)], [1.0, 1.0], MergeSpec())
+    engine.add_request("bad", prompts[0], greedy(2), bad)
+    engine.add_request("good", prompts[0], greedy(2), _composed(adapter_dirs, "linear-2"))
+    failed = {rid: out for rid, out in step_until_idle(engine) if isinstance(out, Exception)}
+    assert list(failed) == ["bad"] and isinstance(failed["bad"], CompositionError)
+    assert failed["bad"].param == "adapters" and "adapter acme/prompt cannot be composed" in str(failed["bad"])
+    assert "PROMPT_TUNING" in str(failed["bad"]) and "" not in probed

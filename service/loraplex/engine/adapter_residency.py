@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from loraplex.engine.adapter_slots import AdapterSlots
-from loraplex.engine.composition import ComposedLora, compose
+from loraplex.engine.composition import ComposedLora, compose, read_components
 from loraplex.engine.errors import AdapterError
 from loraplex.engine.host_cache import HostLoraCache
 from loraplex.engine.lora_pool import LoraPool
@@ -45,7 +45,7 @@ class AdapterResidency:
         host = self.host_cache.get(lora.key)
         if host is None:
             if isinstance(lora, ComposedLora):
-                host = compose(lora, [self._read(c) for c in lora.components], self.max_lora_rank, self.dtype)
+                host = compose(lora, read_components(lora, self._read), self.max_lora_rank, self.dtype)
             else:
                 host = read_adapter(lora.key, lora.path, self.max_lora_rank, self.pool.module_shapes, self.dtype)
             self.host_cache.put(host)

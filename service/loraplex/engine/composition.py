@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -95,6 +96,19 @@ def _check(components: list[LoraRequest], weights: list[float], merge: MergeSpec
         raise CompositionError(f"method must be one of {METHODS}, majority_sign_method one of {SIGN_METHODS}", param)
     if merge.method != "linear" and not (merge.density is not None and 0.0 < merge.density <= 1.0):
         raise CompositionError(f"{merge.method} needs a density in (0, 1]", param)
+
+
+def read_components(lora: ComposedLora, read: Callable[[LoraRequest], HostLora]) -> list[HostLora]:
+    """Each component's host weights, read by `read`; a component that is not a servable LoRA adapter (a
+    prompt-tuning one, an unreadable one) is refused naming the composition's field and the adapter."""
+    hosts = []
+    for component in lora.components:
+        try:
+            hosts.append(read(component))
+        except AdapterError as exc:
+            name = component.key.split(":", 1)[0]  # `tenant/name@version`, without the content digest
+            raise CompositionError(f"adapter {name} cannot be composed: {exc}", lora.param) from None
+    return hosts
 
 
 def compose(lora: ComposedLora, hosts: list[HostLora], max_rank: int, dtype: torch.dtype) -> HostLora:

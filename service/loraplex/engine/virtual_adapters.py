@@ -9,6 +9,7 @@ the next step, as a failed LoRA load's does.
 from __future__ import annotations
 
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.composition import ComposedLora
 from loraplex.engine.errors import AdapterError, EngineError, PromptTooLongError
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.prefix_kv import PrefixBlocks
@@ -31,6 +32,8 @@ class VirtualAdapters:
         request failed (its error is returned by `take_failures`)."""
         if lora is None:
             return None, None
+        if isinstance(lora, ComposedLora):
+            return lora, None  # LoRA adapters composed (engine/composition.py): no files of its own to probe
         try:
             entry = self.store.lookup(lora.key, lora.path)
         except AdapterError as exc:
