@@ -16,7 +16,8 @@ from loraplex.engine.types import LoraRequest, SamplingParams
 
 def build_llm_engine(model_dir: Path, device: str = "cpu", dtype: str = "float32", **limits) -> LLMEngine:
     config = EngineConfig(model=str(model_dir), device=device, dtype=dtype, **limits)
-    model = load_model(str(model_dir), config.torch_dtype, config.torch_device, config.max_model_len)
+    model = load_model(str(model_dir), config.torch_dtype, config.torch_device, config.max_model_len,
+                       quantization=config.quantization)
     return LLMEngine(config, model, AutoTokenizer.from_pretrained(model_dir))
 
 

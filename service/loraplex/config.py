@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks cuda when available.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights/activations dtype; auto = float32 on CPU, bfloat16 on CUDA.")
     seed: int = Field(0, description="Seed for the demo model weights and for unseeded sampling.")
+    quantization: Literal["none", "int8", "nf4"] = Field("none", description="Quantize the base's decoder projections at load (bitsandbytes, `pip install loraplex[quant]`): `int8` (LLM.int8) or `nf4` (4-bit NormalFloat, double quantization); embeddings, norms, LM head and adapters stay in `dtype`. A checkpoint saved quantized by transformers + bitsandbytes is served as saved with `none`. Merging is refused on a quantized base.")
 
     # Engine limits
     max_loras: int = Field(8, ge=1, le=256, description="Adapters resident on the device at once (slots).")

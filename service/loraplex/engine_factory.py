@@ -53,6 +53,7 @@ def engine_config(settings: Settings, model_path: str) -> EngineConfig:
         lora_target_modules=tuple(settings.lora_target_module_list),
         seed=settings.seed,
         compile=settings.compile,
+        quantization=settings.quantization,
     )
 
 
@@ -62,7 +63,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
     log.info("loading %s on %s (%s)", model_path, config.torch_device, config.torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = load_model(model_path, config.torch_dtype, config.torch_device, config.max_model_len,
-                       allow_long_max_model_len=config.allow_long_max_model_len)
+                       allow_long_max_model_len=config.allow_long_max_model_len, quantization=config.quantization)
     engine = LLMEngine(config, model, tokenizer)
     log.info(
         "engine ready: kv cache %.1f MiB (%d blocks of %d tokens), adapter pool %.1f MiB (%d slots, rank %d)",

@@ -31,6 +31,7 @@ class EngineConfig:
     seed: int = 0
     extra_eos_token_ids: tuple[int, ...] = field(default=())
     compile: str = "auto"  # auto | on | off: torch.compile the decode step (auto: on for CUDA, off on CPU)
+    quantization: str = "none"  # none | int8 | nf4: the base's projections (engine/quantization.py)
 
     def __post_init__(self):
         unknown = set(self.lora_target_modules) - set(LORA_MODULES)
