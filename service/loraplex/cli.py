@@ -34,6 +34,14 @@ def serve(settings: Settings) -> int:
     from loraplex.api.log_config import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    from loraplex.engine.errors import EngineError
+    from loraplex.engine_factory import check_model
+
+    try:
+        check_model(settings)  # a setting the model cannot take: one clear line, not uvicorn's traceback
+    except EngineError as exc:
+        print(f"loraplex serve: {exc.message}", file=sys.stderr)
+        return 2
     from loraplex.api.app import create_app  # heavy (torch, the engine): only when serving
     from loraplex.api.server import serve as serve_app
 

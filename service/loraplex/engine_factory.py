@@ -12,6 +12,7 @@ from loraplex.engine.config import EngineConfig
 from loraplex.engine.context_limit import resolve_max_model_len
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.model_loader import load_model
+from loraplex.engine.quantization import checkpoint_quantization
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ def engine_config(settings: Settings, model_path: str) -> EngineConfig:
         compile=settings.compile,
         quantization=settings.quantization,
     )
+
+
+def check_model(settings: Settings) -> None:
+    """Raises EngineError for settings this model cannot be served with (quantization, max_model_len),
+    reading only its config."""
+    model_path = resolve_model_path(settings)
+    engine_config(settings, model_path)
+    checkpoint_quantization(AutoConfig.from_pretrained(model_path), settings.quantization)
 
 
 def build_engine(settings: Settings) -> AsyncEngine:

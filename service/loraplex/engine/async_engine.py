@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from loraplex.engine.errors import EngineNotRunningError
 from loraplex.engine.llm_engine import AdapterState, LLMEngine
 from loraplex.engine.merge_policy import MergeMode
+from loraplex.engine.quantized_layers import weight_bytes
 from loraplex.engine.types import LoraRequest, RequestOutput, SamplingParams
 from loraplex.engine.waiting_room import WaitingRoom
 
@@ -54,6 +55,9 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_model_len = engine.config.max_model_len
+        quant = getattr(engine.model, "quantization", None)
+        self.quantization = quant.method if quant is not None else "none"  # int8 | nf4 | fp4 | none
+        self.weight_bytes = weight_bytes(engine.model)  # resident base weights (quantized or not)
         self.max_lora_rank = engine.config.max_lora_rank
         self.num_layers = engine.model.config.num_hidden_layers
         self.max_queue = engine.config.max_queue

@@ -56,11 +56,13 @@ class LLMEngine:
                                    context_cost(model) if config.chunk_by_compute else None)
         self.merge = MergeManager(self.lora_pool, compensation_slot=config.max_loras + 1)
         self.merging = MergeControl(self.merge, self.slots, self.residency_control.pinned_keys, config.default_merge_mode)
+        self.merging.enabled = getattr(model, "quantization", None) is None  # no exact merge into quantized weights
         self.vocab_size = mc.vocab_size
         self.eos_token_ids = _eos_ids(tokenizer, model) | set(config.extra_eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
         sampler = Sampler(self.device, self.grammars, self.eos_token_ids)
-        self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device, sampler, config.compile_decode)
+        self.runner = ModelRunner(model, self.kv_cache, self.merge, self.device, sampler,
+                                  config.compile_decode and getattr(model, "quantization", None) is None)
         self.virtual = VirtualAdapters(model, self.kv_cache, self.blocks, config.max_cpu_loras, config.torch_dtype, self.device)
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -196,6 +198,10 @@ class LLMEngine:
 
     def set_merge_mode(self, lora: LoraRequest, mode: MergeMode) -> bool:
         """merged: merge now (one adapter at a time), unmerged: never, auto: when it dominates traffic."""
+        if mode == "merged" and not self.merging.enabled:
+            raise InvalidRequestError(
+                "merged mode is not available on a quantized base: adding the adapter's delta to 4-bit or 8-bit weights "
+                "would round it away; the adapter is served unmerged (auto never merges here)", param="mode")
         if mode == "merged" and not self.residency_control.ensure_resident(lora):
             return False
         self.merging.set_mode(lora.key, mode)

@@ -18,6 +18,7 @@ class MergeControl:
         self.manager, self.slots, self.pinned_keys = manager, slots, pinned_keys
         self.policy = MergePolicy(default_mode=default_mode)
         self.merged_key: str | None = None
+        self.enabled = True  # False on a quantized base: nothing is ever merged
         self.num_switches = 0
 
     def set_mode(self, key: str, mode: MergeMode) -> None:
@@ -43,7 +44,7 @@ class MergeControl:
 
     def apply(self) -> None:
         """Switch to what the policy wants, once that adapter's slot is ready."""
-        desired = self.policy.desired(self.merged_key)
+        desired = self.policy.desired(self.merged_key) if self.enabled else None
         if desired == self.merged_key or (desired is not None and not self.slots.is_ready(desired)):
             return
         seconds = 0.0

@@ -272,6 +272,8 @@ class ModelCard(BaseModel):
     owned_by: str
     parent: str | None = None
     max_model_len: int | None = None
+    quantization: str | None = None  # the base model's card only: none | int8 | nf4 (fp4: a saved 4-bit checkpoint)
+    weight_bytes: int | None = None  # the base model's card only: resident weight bytes
 
 
 class ModelList(BaseModel):

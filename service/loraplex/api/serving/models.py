@@ -30,7 +30,8 @@ def get_model(model_id: str, engine: AsyncEngine, registry: AdapterRegistry, pri
 
 
 def base_card(engine: AsyncEngine) -> ModelCard:
-    return ModelCard(id=engine.model_name, created=_STARTED_AT, owned_by=BASE_OWNER, max_model_len=engine.max_model_len)
+    return ModelCard(id=engine.model_name, created=_STARTED_AT, owned_by=BASE_OWNER, max_model_len=engine.max_model_len,
+                     quantization=engine.quantization, weight_bytes=engine.weight_bytes)
 
 
 def adapter_card(record: AdapterVersion, engine: AsyncEngine) -> ModelCard:
