@@ -21,6 +21,7 @@ from loraplex import cli
 from loraplex.api.app import create_app
 from loraplex.config import Settings
 from loraplex.engine_factory import build_engine
+from loraplex.registry.adapter_kinds import SERVED_KINDS
 from loraplex.training.supervisor import settings_env
 from tests.shared_models import shared_model
 
@@ -201,6 +202,32 @@ def test_keyword_job_beats_the_base_is_promoted_and_reports(client, monkeypatch,
     assert cli.job_report("http://testserver", KEYS["globex"], job["id"], None, out=io.StringIO()) == 2
 
 
+@pytest.mark.parametrize("adapter_type", ["dora", "prompt_tuning"])
+def test_dora_and_prompt_tuning_jobs_beat_the_base_and_serve_at_once(client, adapter_type):
+    """#15 must-show 3: the keyword set through the API with `adapter_type`; promoted as a LoRA job is, and
+    the name answers completions as soon as the job succeeds, unlike the base."""
+    if adapter_type not in SERVED_KINDS:
+        pytest.skip(f"this server does not serve {adapter_type} adapters yet")
+    valid_lines = (REPO_ROOT / "adapters/examples/keywords_valid.jsonl").read_bytes()
+    hyperparameters = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 10, "adapter_type": adapter_type}
+    if adapter_type == "dora":
+        hyperparameters["target_modules"] = "mlp"
+    name = f"kw-{adapter_type.replace('_', '-')}"
+    job = create_job(client, "acme", upload(client, "acme", LONG), hyperparameters, suffix=name,
+                     validation_file=upload(client, "acme", valid_lines, "valid.jsonl")).json()
+    done = wait_for(client, "acme", job["id"], ("succeeded", "failed", "cancelled"), timeout_s=240)
+    assert done["status"] == "succeeded", done
+    assert done["hyperparameters"]["adapter_type"] == adapter_type
+    evaluation = done["evaluation"]
+    assert evaluation["promoted"] and evaluation["gain"] > 0.5, evaluation
+    print(f"\n{adapter_type} job: valid loss {evaluation['adapter_valid_loss']:.3f} vs base {evaluation['base_valid_loss']:.3f}")
+    prompts = [json.loads(line)["prompt"] for line in valid_lines.decode().splitlines()[:4]]
+    tuned = [complete(client, "acme", f"acme/{name}", prompt) for prompt in prompts]
+    assert all(response.status_code == 200 for response in tuned), [r.text for r in tuned]
+    base = [complete(client, "acme", "demo", prompt).json()["choices"][0]["text"] for prompt in prompts]
+    assert [r.json()["choices"][0]["text"] for r in tuned] != base
+
+
 def shuffled_labels(data: bytes) -> bytes:
     """The same prompts with their labels permuted across examples: only the answer format is learnable."""
     lines = [json.loads(line) for line in data.decode().splitlines()]
@@ -299,6 +326,8 @@ def queue_only(tmp_path_factory, engine):
     ({"layer_lr_decay": 0}, "layer_lr_decay"), ({"weight_decay": 2}, "weight_decay"), ({"use_rslora": "yes"}, "use_rslora"),
     ({"early_stopping_patience": -1}, "early_stopping_patience"), ({"validation_split": 0.9}, "validation_split"),
     ({"target_modules": "ffn"}, "target_modules"),
+    ({"adapter_type": "ia3"}, "adapter_type"), ({"num_virtual_tokens": 8}, "num_virtual_tokens"),  # LoRA: no virtual tokens
+    ({"adapter_type": "prompt_tuning", "num_virtual_tokens": 0}, "num_virtual_tokens"),
 ])
 def test_bad_hyperparameters_are_400_naming_the_param(queue_only, hyperparameters, param):
     response = create_job(queue_only, "acme", upload(queue_only, "acme", TINY), hyperparameters)

@@ -33,7 +33,8 @@ def sequence_logps(model, pairs: list[Pair], pad_id: int, device: torch.device) 
     """[2P]: log p(answer | prompt) of every preferred answer, then every rejected one."""
     batch = collate([pair[0] for pair in pairs] + [pair[1] for pair in pairs], pad_id)
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2P, T, V]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2P, N+T, V], N virtual tokens
+    logits = logits[:, -batch["input_ids"].shape[1]:]  # [2P, T, V]: prompt tuning's N virtual tokens cut off
     logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]  # position t predicts token t+1
     mask = targets != IGNORE_INDEX  # [2P, T-1]
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [2P, T-1]

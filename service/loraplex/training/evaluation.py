@@ -60,7 +60,8 @@ def score(model, data: TokenizedDataset, pad_id: int, device: torch.device, chec
         check()
         batch = collate(list(data.examples[start : start + EVAL_BATCH_SIZE]), pad_id)
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, N+T, V], N virtual tokens
+        logits = logits[:, -batch["input_ids"].shape[1]:]  # [B, T, V]: prompt tuning's N virtual tokens cut off
         logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]  # position t predicts token t+1
         mask = targets != IGNORE_INDEX  # [B, T-1]
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T-1]

@@ -58,12 +58,19 @@ DEFAULT_REPLAY_FRACTION = 0.25  # a continued job with replay data: a quarter as
 MAX_REPLAY_FRACTION = 1.0
 DEFAULT_BETA = 0.1  # DPO: how far the policy may move from the reference (larger: stays closer)
 MAX_BETA = 10.0
+# What a job trains: LoRA; DoRA (LoRA + a learned magnitude per output feature); prompt tuning (learned
+# input embeddings prepended to every prompt, the model untouched).
+LORA, DORA, PROMPT_TUNING = "lora", "dora", "prompt_tuning"
+ADAPTER_TYPES = (LORA, DORA, PROMPT_TUNING)
+DEFAULT_NUM_VIRTUAL_TOKENS = 8
+MAX_NUM_VIRTUAL_TOKENS = 128
 EXTENSION_FIELDS = (
     "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "layers_to_transform",
     "top_k_layers", "layer_lr_decay", "weight_decay", "early_stopping_patience", "validation_split",
-    "early_stopping_min_delta", "max_forgetting_ratio", "replay_fraction", "beta",
+    "early_stopping_min_delta", "max_forgetting_ratio", "replay_fraction", "beta", "adapter_type", "num_virtual_tokens",
 )
-SHAPE_FIELDS = ("lora_r", "lora_alpha", "target_modules", "use_rslora", "layers_to_transform", "top_k_layers")
+SHAPE_FIELDS = ("lora_r", "lora_alpha", "target_modules", "use_rslora", "layers_to_transform", "top_k_layers",
+                "adapter_type", "num_virtual_tokens")
 
 
 class HyperparameterError(LoraplexError, ValueError):
@@ -98,6 +105,8 @@ class ResolvedHyperparameters:
     max_forgetting_ratio: float = DEFAULT_MAX_FORGETTING_RATIO  # reference perplexity adapter / base
     replay_fraction: float = 0.0  # replayed examples per epoch, as a share of the training examples
     beta: float = DEFAULT_BETA  # DPO only
+    adapter_type: str = LORA  # prompt_tuning: the LoRA fields above are unused
+    num_virtual_tokens: int = 0  # prompt_tuning only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +134,8 @@ class Hyperparameters:
     max_forgetting_ratio: float | Auto = AUTO  # auto: DEFAULT_MAX_FORGETTING_RATIO
     replay_fraction: float | Auto = AUTO  # auto: DEFAULT_REPLAY_FRACTION when there is replay data
     beta: float | Auto = AUTO  # DPO; auto: DEFAULT_BETA
+    adapter_type: str = LORA
+    num_virtual_tokens: int | None = None  # prompt_tuning; None: DEFAULT_NUM_VIRTUAL_TOKENS
 
     @classmethod
     def from_request(cls, requested: dict, seed: int, max_steps: int | None = None) -> Hyperparameters:
@@ -163,6 +174,7 @@ class Hyperparameters:
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1, MAX_STEPS)
         _check_transfer(self)
+        _check_adapter_type(self)
 
     def resolve(self, num_examples: int, max_lora_rank: int = MAX_LORA_R,
                 num_layers: int | None = None, has_replay: bool = False) -> ResolvedHyperparameters:
@@ -204,7 +216,14 @@ class Hyperparameters:
                                   else float(self.max_forgetting_ratio)),
             replay_fraction=replay_fraction,
             beta=DEFAULT_BETA if self.beta == AUTO else float(self.beta),
+            adapter_type=self.adapter_type,
+            num_virtual_tokens=self._num_virtual_tokens(),
         )
+
+    def _num_virtual_tokens(self) -> int:
+        if self.adapter_type != PROMPT_TUNING:
+            return 0
+        return DEFAULT_NUM_VIRTUAL_TOKENS if self.num_virtual_tokens is None else self.num_virtual_tokens
 
     def _replay_fraction(self, has_replay: bool) -> float:
         if self.replay_fraction == AUTO:
@@ -327,3 +346,13 @@ def _check_transfer(hp: Hyperparameters) -> None:
         _check_number("validation_split", hp.validation_split)
         if not 0 <= hp.validation_split <= MAX_VALIDATION_SPLIT:
             raise HyperparameterError("validation_split", f"must be between 0 and {MAX_VALIDATION_SPLIT:g}, got {hp.validation_split}")
+
+
+def _check_adapter_type(hp: Hyperparameters) -> None:
+    if not isinstance(hp.adapter_type, str) or hp.adapter_type not in ADAPTER_TYPES:
+        raise HyperparameterError("adapter_type", f"must be one of {list(ADAPTER_TYPES)}, got {hp.adapter_type!r}")
+    if hp.num_virtual_tokens is None:
+        return
+    if hp.adapter_type != PROMPT_TUNING:
+        raise HyperparameterError("num_virtual_tokens", "applies to adapter_type \"prompt_tuning\" only")
+    _check_int("num_virtual_tokens", hp.num_virtual_tokens, 1, MAX_NUM_VIRTUAL_TOKENS)

@@ -6,6 +6,7 @@ after (forgetting of a continued adapter).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,11 @@ def measure(model, objective, tokenizer, pad_id: int, device, max_len: int, chec
 
 
 def _incumbent_score(model, objective, incumbent: Path, check) -> Score:
+    """The incumbent as a second adapter of `model`; one of another PEFT type (prompt tuning vs LoRA) cannot
+    sit beside it, so it is scored on a fresh copy of the base."""
+    incumbent_type = json.loads((incumbent / "adapter_config.json").read_text()).get("peft_type")
+    if incumbent_type != model.active_peft_config.peft_type.value:
+        return _score_on_fresh_base(model, objective, incumbent, check)
     model.load_adapter(str(incumbent), adapter_name=INCUMBENT)
     try:
         model.set_adapter(INCUMBENT)
@@ -60,3 +66,13 @@ def _incumbent_score(model, objective, incumbent: Path, check) -> Score:
     finally:
         model.set_adapter("default")
         model.delete_adapter(INCUMBENT)
+
+
+def _score_on_fresh_base(model, objective, incumbent: Path, check) -> Score:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_model = model.get_base_model()
+    base = AutoModelForCausalLM.from_pretrained(base_model.config._name_or_path, dtype=base_model.dtype)
+    other = PeftModel.from_pretrained(base.to(base_model.device), str(incumbent)).eval()
+    return objective.evaluate(other, check)

@@ -27,11 +27,11 @@ from loraplex.training.datasets import (
     PREFERENCE, DatasetError, ParsedDataset, PreparationStopped, TokenizedDataset, tokenize_dataset,
 )
 from loraplex.training.evaluation import split_held_out
-from loraplex.training.hyperparams import MAX_LORA_R, Hyperparameters, ResolvedHyperparameters
+from loraplex.training.hyperparams import DORA, LORA, MAX_LORA_R, PROMPT_TUNING, Hyperparameters, ResolvedHyperparameters
 from loraplex.training.measurements import Measurements, measure, parent_loss
 from loraplex.training.objectives import SupervisedObjective
 from loraplex.training.train_loop import TrainEvent, TrainingCancelled, TrainLoop
-from loraplex.training.transfer import BestEpoch, EpochScore, lora_config
+from loraplex.training.transfer import BestEpoch, EpochScore, peft_config
 
 __all__ = ["Continuation", "TrainEvent", "TrainResult", "TrainingCancelled", "train_lora"]
 
@@ -167,10 +167,14 @@ def train_lora(
 
 
 def inherit_shape(hp: ResolvedHyperparameters, adapter_dir: Path) -> ResolvedHyperparameters:
-    """A continued adapter keeps its parent's rank, alpha, modules, layers and scaling."""
+    """A continued adapter keeps its parent's kind and shape: rank, alpha, modules, layers and scaling, or
+    its number of virtual tokens."""
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if config.get("peft_type") == "PROMPT_TUNING":
+        return replace(hp, adapter_type=PROMPT_TUNING, num_virtual_tokens=int(config["num_virtual_tokens"]))
     layers = config.get("layers_to_transform")
-    return replace(hp, lora_r=int(config["r"]), lora_alpha=config["lora_alpha"],
+    return replace(hp, adapter_type=DORA if config.get("use_dora") else LORA, lora_r=int(config["r"]),
+                   lora_alpha=config["lora_alpha"],
                    target_modules=tuple(sorted(config["target_modules"])), use_rslora=bool(config.get("use_rslora")),
                    layers_to_transform=tuple(layers) if layers is not None else None)
 
@@ -227,9 +231,9 @@ def _load_peft_model(model_dir: Path, hp: ResolvedHyperparameters, device: torch
     base.config.use_cache = False  # no KV cache while training
     # PEFT keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype), so updates are not rounded away.
     if init_adapter is None:
-        return get_peft_model(base, lora_config(hp))
+        return get_peft_model(base, peft_config(hp, model_dir))
     # the parent's shape (hp inherited it), this job's dropout
-    return PeftModel.from_pretrained(base, init_adapter, is_trainable=True, config=lora_config(hp))
+    return PeftModel.from_pretrained(base, init_adapter, is_trainable=True, config=peft_config(hp))
 
 
 def _checkpoint_dir(out_dir: Path, epoch: int) -> Path:

@@ -1,7 +1,9 @@
 """Transfer-learning choices for one run: where LoRA goes, how fast each layer learns, which epoch to keep.
 
-- `lora_config`: PEFT's LoraConfig for the resolved hyperparameters (layers_to_transform restricts LoRA
-  to chosen layers; rsLoRA scales by alpha/sqrt(r)).
+- `peft_config`: PEFT's config for the resolved hyperparameters: a LoraConfig (layers_to_transform
+  restricts LoRA to chosen layers; rsLoRA scales by alpha/sqrt(r); DoRA adds a learned magnitude per
+  output feature) or a PromptTuningConfig (learned virtual tokens, started from the embeddings of a
+  text so that they begin where real tokens live).
 - `param_groups`: one optimizer group per decoder layer so layer-wise learning-rate decay
   (eta_l = eta_0 * decay^(L-1-l)) trains deep layers fastest; weight decay on the LoRA factors pulls
   B·A, and so W', back towards the pre-trained W (the L2-SP idea, with W as the anchor).
@@ -16,9 +18,23 @@ from typing import Any
 
 import torch
 
-from loraplex.training.hyperparams import ResolvedHyperparameters
+from loraplex.training.hyperparams import DORA, PROMPT_TUNING, ResolvedHyperparameters
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+PROMPT_INIT_TEXT = "Answer the question that follows as in the examples."  # tokenized, repeated to length
+
+
+def peft_config(hp: ResolvedHyperparameters, model_dir: str | None = None):
+    """LoRA, DoRA or prompt tuning; `model_dir` (its tokenizer) starts the virtual tokens from a text."""
+    if hp.adapter_type == PROMPT_TUNING:
+        from peft import PromptTuningConfig
+
+        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": PROMPT_INIT_TEXT,
+                "tokenizer_name_or_path": str(model_dir)} if model_dir is not None else {}
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=hp.num_virtual_tokens, **init)
+    return lora_config(hp)
 
 
 def lora_config(hp: ResolvedHyperparameters):
@@ -33,7 +49,8 @@ def lora_config(hp: ResolvedHyperparameters):
         layers_to_transform=list(hp.layers_to_transform) if hp.layers_to_transform is not None else None,
         layers_pattern="layers" if hp.layers_to_transform is not None else None,
         use_rslora=hp.use_rslora,
-        bias="none",  # the engine serves A/B pairs only: no biases, no modules_to_save, no DoRA
+        use_dora=hp.adapter_type == DORA,
+        bias="none",  # the engine serves A/B pairs (and DoRA's magnitudes) only: no biases, no modules_to_save
     )
 
 

@@ -38,6 +38,8 @@ class HyperparametersIn(BaseModel):
     early_stopping_min_delta: Any = None  # default 0.0: an epoch is better only if it lowers the loss by more
     max_forgetting_ratio: Any = None  # default 2.0: reference perplexity adapter/base above it is not promoted
     replay_fraction: Any = None  # replayed examples per epoch / training examples; default 0.25 with replay data
+    adapter_type: Any = None  # default "lora"; "dora" or "prompt_tuning"
+    num_virtual_tokens: Any = None  # prompt_tuning: learned tokens prepended to the prompt; default 8
 
 
 class DpoHyperparametersIn(HyperparametersIn):

@@ -18,6 +18,7 @@ from loraplex.api.schemas.fine_tuning import (
 )
 from loraplex.api.serving.files import paginate, visible_tenant
 from loraplex.config import Settings
+from loraplex.registry.adapter_kinds import SERVED_KINDS
 from loraplex.registry.auth import Principal
 from loraplex.registry.local_store import AdapterNotFound
 from loraplex.registry.service import AdapterRegistry
@@ -26,7 +27,7 @@ from loraplex.training.datasets import CHAT, PREFERENCE, PROMPT_COMPLETION
 from loraplex.training.errors import FileNotFound, JobNotFound
 from loraplex.training.files import FINE_TUNE, FileStore
 from loraplex.training.hyperparams import (
-    EXTENSION_FIELDS, MAX_SEED, OPENAI_FIELDS, SHAPE_FIELDS, Hyperparameters,
+    EXTENSION_FIELDS, MAX_SEED, OPENAI_FIELDS, PROMPT_TUNING, SHAPE_FIELDS, Hyperparameters,
 )
 from loraplex.training.jobs import (
     DPO, SUPERVISED, JobRecord, JobStore, new_job_id, parent_job, request_cancel,
@@ -196,8 +197,11 @@ def _check_hyperparameters(requested: dict[str, Any], seed: int, num_examples: i
         resolved = hp.resolve(num_examples, settings.max_lora_rank, num_layers, has_replay)
     except TypeError as exc:  # HyperparameterError maps itself (400 naming the field)
         raise InvalidParameter(str(exc), param="hyperparameters", code="invalid_hyperparameters") from None
+    if resolved.adapter_type not in SERVED_KINDS:  # refused now, not after the training
+        raise InvalidParameter(f"adapter_type: this server does not serve {resolved.adapter_type} adapters "
+                               f"(it serves {sorted(SERVED_KINDS)})", param="adapter_type", code="invalid_hyperparameters")
     unservable = sorted(set(resolved.target_modules) - set(settings.lora_target_module_list))
-    if unservable:
+    if unservable and resolved.adapter_type != PROMPT_TUNING:
         raise InvalidParameter(f"target_modules: this server cannot serve adapters on {unservable}",
                                param="target_modules", code="invalid_hyperparameters")
     if resolved.num_steps > settings.max_train_steps:
