@@ -5,14 +5,18 @@ missing one, byte for byte; every bad field of `adapters` / `merge` / `parameter
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 
+from loraplex.api.app import create_app
+from loraplex.models.demo import ensure_demo_model
 from tests.adversarial import ADAPTER_ID_FORMS, assert_envelope, serve_in_thread, snapshot
-from tests.composition_helpers import GEN
+from tests.composition_helpers import GEN, adapter_files
 from tests.composition_helpers import tenant_settings, world  # noqa: F401
-from tests.tenant_fixtures import auth, tenant_client, tenant_engine  # noqa: F401
+from tests.tenant_fixtures import auth, tenant_client, tenant_engine, upload  # noqa: F401
+from tests.virtual_token_adapters import make_virtual_adapter
 
 TWO = [{"id": "acme/tone", "weight": 0.7}, {"id": "acme/sql", "weight": 0.3}]
 
@@ -39,8 +43,6 @@ def _probes(component: str) -> dict[str, tuple[str, dict]]:
 def test_a_foreign_component_is_the_same_404_as_a_missing_one(tenant_settings, tenant_engine, world):  # noqa: F811
     """globex composing its own adapter with acme's, for several spellings of the id: byte-identical answers
     (status, headers, body; the echoed id masked) for acme's adapter, one never made, one deleted."""
-    from loraplex.api.app import create_app
-
     with serve_in_thread(create_app(tenant_settings, tenant_engine)) as url, httpx.Client(base_url=url, timeout=60) as c:
         for form_name in SPELLINGS:
             form = ADAPTER_ID_FORMS[form_name]
@@ -128,3 +130,15 @@ def test_bad_lorax_merged_adapters_are_400s_naming_the_param(tenant_client, worl
     response = _post_raw(tenant_client, "/generate", {"inputs": "hi", "parameters": parameters})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.text
+
+
+def test_only_lora_adapters_compose(tenant_settings, tenant_client, world, tmp_path):  # noqa: F811
+    """A prompt-tuning adapter serves on its own but is no LoRA delta to add: 400 naming `adapters`."""
+    model_dir = ensure_demo_model(Path(tenant_settings.data_dir))
+    prompt = make_virtual_adapter(model_dir, tmp_path / "prompt", "PROMPT_TUNING", 4)
+    assert upload(tenant_client, "acme", "prompt", adapter_files(prompt)).status_code == 201
+    response = _post_raw(tenant_client, "/v1/completions", {"prompt": "hi", "adapters": [{"id": "acme/tone"}, {"id": "acme/prompt"}], **GEN})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "adapters", response.text
+    assert "adapter acme/prompt@1 cannot be composed" in response.json()["error"]["message"]
+    alone = _post_raw(tenant_client, "/v1/completions", {"prompt": "hi", "model": "acme/prompt", **GEN})
+    assert alone.status_code == 200, alone.text
