@@ -115,7 +115,7 @@ def _add_dense(y, x, lora_a, lora_bt, batch: LoraBatch) -> None:
     n = batch.num_decode_tokens
     num_slots, rank, d_in = lora_a.shape
     shrunk = x[:n] @ lora_a.view(num_slots * rank, d_in).t()  # [n, S*r]: every slot's shrink
-    own = (shrunk.view(n, num_slots, rank) * batch.decode_onehot).view(n, num_slots * rank)  # keep own slot
+    own = (shrunk.view(n, num_slots, rank) * batch.decode_onehot.to(shrunk.dtype)).view(n, num_slots * rank)  # keep own slot
     y[:n] += own @ lora_bt.view(num_slots * rank, -1)  # [n, d_out]
 
 
