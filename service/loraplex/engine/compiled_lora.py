@@ -7,6 +7,9 @@ here every module that has a pool buffer always runs the same kernel, chosen onc
   slot and, while an adapter is merged, its compensation slot are both 1, so one pass adds both;
 - gather otherwise: each row's own slot [B] (and compensation slot [B]) index the pool.
 Padded rows and base rows use slot 0, whose weights are zeros: they add exact zeros.
+Which module kinds (q_proj, ..., down_proj) get the LoRA term at all is decided once per step from the
+slots present (`targets`, a tuple of names: a compile-time constant, so each distinct set seen is its
+own graph); a q/v-only adapter mix costs no LoRA work on the other five projections.
 """
 from __future__ import annotations
 
@@ -24,6 +27,15 @@ class DecodeLora:
     multihot: torch.Tensor | None  # [B, S, 1] dense kernel
     slots: torch.Tensor | None  # [B] gather kernel: each row's own slot
     compensation: torch.Tensor | None  # [B] gather kernel: each row's compensation slot (merged mode)
+    targets: tuple[str, ...] = ()  # module kinds some slot of this step holds weights for
+
+
+def step_targets(linears: dict, slots: set[int]) -> tuple[str, ...]:
+    """linears: (layer, module name) -> LoraLinear; slots: non-zero slots of the step -> module names
+    whose pool holds weights in one of them (at any layer), in a fixed order."""
+    used = sum(1 << s for s in slots if s)
+    names = {name for (_, name), linear in linears.items() if linear.active_slots.mask & used}
+    return tuple(sorted(names))
 
 
 def uses_dense(num_slots: int, max_rank: int) -> bool:
@@ -31,8 +43,10 @@ def uses_dense(num_slots: int, max_rank: int) -> bool:
 
 
 def build_decode_lora(own: list[int], compensation: list[int] | None, rows: int, num_slots: int, max_rank: int,
-                      device: torch.device) -> DecodeLora:
+                      device: torch.device, targets: tuple[str, ...]) -> DecodeLora:
     """own/compensation: slot per real row (0 = none); rows: the bucket size (pads with slot 0)."""
+    if not targets:
+        return DecodeLora(None, None, None)
     pad = [0] * (rows - len(own))
     if uses_dense(num_slots, max_rank):
         hot = torch.zeros(rows, num_slots)  # [B, S]
@@ -40,10 +54,10 @@ def build_decode_lora(own: list[int], compensation: list[int] | None, rows: int,
         if compensation is not None:
             hot[torch.arange(len(own)), torch.tensor(compensation, dtype=torch.long)] += 1.0
         hot[:, 0] = 0.0  # slot 0 is zeros anyway; keep the mask tidy
-        return DecodeLora(hot.unsqueeze(-1).to(device, non_blocking=True), None, None)
+        return DecodeLora(hot.unsqueeze(-1).to(device, non_blocking=True), None, None, targets)
     slots = _long(own + pad, device)
     comp = _long(compensation + pad, device) if compensation is not None else None
-    return DecodeLora(None, slots, comp)
+    return DecodeLora(None, slots, comp, targets)
 
 
 def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor, meta: DecodeLora) -> torch.Tensor:

@@ -11,7 +11,7 @@ tokens of KV per row per layer (or multiply the compiles by width buckets). Padd
 never touch the KV cache; they use adapter slot 0 (zeros) and their outputs are dropped. Embedding,
 rotary table lookup, final norm and lm_head (on the n real rows) stay eager too.
 Both pieces take the layer module as an argument, so one graph serves every layer: one compile per
-bucket and piece. On CUDA the mode is reduce-overhead (CUDA graphs, one per piece and layer).
+bucket and piece (and per set of projection kinds the step's adapters target, see compiled_lora.py). On CUDA the mode is reduce-overhead (CUDA graphs, one per piece and layer).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from loraplex.engine.attention import AttentionMetadata, attend
 from loraplex.engine.compiled_lora import DecodeLora, lora_delta
 from loraplex.engine.model import FusedProjection, LlamaForServing, LoraLinear, _rotate_half
 
-RECOMPILE_LIMIT = 64  # buckets up to 2**12 rows per piece, with headroom for merged/unmerged variants
+RECOMPILE_LIMIT = 64  # graphs per piece: buckets x the distinct LoRA target sets seen (DecodeLora.targets)
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # FusedProjection member order
 
 
 def bucket_for(num_rows: int) -> int:
@@ -30,19 +31,19 @@ def bucket_for(num_rows: int) -> int:
     return 1 << (num_rows - 1).bit_length()
 
 
-def _linear(linear: LoraLinear, x: torch.Tensor, lora: DecodeLora) -> torch.Tensor:
+def _linear(linear: LoraLinear, name: str, x: torch.Tensor, lora: DecodeLora) -> torch.Tensor:
     y = F.linear(x, linear.weight, linear.bias)  # [B, d_out]
-    if linear.lora_a is not None:
+    if linear.lora_a is not None and name in lora.targets:
         y = y + lora_delta(x, linear.lora_a, linear.lora_bt, lora)
     return y
 
 
-def _fused(fused: FusedProjection, x: torch.Tensor, lora: DecodeLora) -> list[torch.Tensor]:
+def _fused(fused: FusedProjection, names: tuple[str, ...], x: torch.Tensor, lora: DecodeLora) -> list[torch.Tensor]:
     y = F.linear(x, fused.weight, fused.bias)  # [B, sum d_out]
     parts = []
-    for member, (start, end) in zip(fused.members, fused.slices):
+    for member, name, (start, end) in zip(fused.members, names, fused.slices):
         part = y[:, start:end]
-        if member.lora_a is not None:
+        if member.lora_a is not None and name in lora.targets:
             part = part + lora_delta(x, member.lora_a, member.lora_bt, lora)
         parts.append(part)
     return parts
@@ -52,7 +53,7 @@ def pre_attention(layer, x, cos, sin, lora: DecodeLora):
     """x: [B, d], cos/sin: [B, 1, hd] -> q [B, H, hd], k/v [B, Hkv, hd] (rotary applied)."""
     attn = layer.self_attn
     rows = x.shape[0]
-    q, k, v = _fused(attn.qkv, layer.input_layernorm(x), lora)
+    q, k, v = _fused(attn.qkv, QKV, layer.input_layernorm(x), lora)
     q = q.reshape(rows, attn.num_heads, attn.head_dim)
     k = k.reshape(rows, attn.num_kv_heads, attn.head_dim)
     v = v.reshape(rows, attn.num_kv_heads, attn.head_dim)
@@ -63,11 +64,11 @@ def pre_attention(layer, x, cos, sin, lora: DecodeLora):
 
 def post_attention(layer, x, attn_out, lora: DecodeLora):
     """x: [B, d] residual, attn_out: [B, H*hd] -> [B, d] after o_proj and the MLP block."""
-    h = _linear(layer.self_attn.o_proj, attn_out, lora)
+    h = _linear(layer.self_attn.o_proj, "o_proj", attn_out, lora)
     x = x + (layer.attn_out_norm(h) if layer.attn_out_norm is not None else h)
     mlp = layer.mlp
-    gate, up = _fused(mlp.gate_up, layer.mlp_norm(x), lora)
-    h = _linear(mlp.down_proj, mlp.act(gate) * up, lora)
+    gate, up = _fused(mlp.gate_up, GATE_UP, layer.mlp_norm(x), lora)
+    h = _linear(mlp.down_proj, "down_proj", mlp.act(gate) * up, lora)
     return x + (layer.mlp_out_norm(h) if layer.mlp_out_norm is not None else h)
 
 

@@ -6,7 +6,7 @@ import itertools
 import torch
 
 from loraplex.engine.attention import AttentionMetadata, PrefillChunk, PrefillGroup, build_decode_groups
-from loraplex.engine.compiled_lora import build_decode_lora
+from loraplex.engine.compiled_lora import build_decode_lora, step_targets
 from loraplex.engine.compiled_step import CompiledDecode, bucket_for
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_ops import LoraBatch, build_lora_batch
@@ -61,7 +61,8 @@ class ModelRunner:
         compensation = None
         if merged is not None:
             compensation = [0 if s.slot == merged else self.merge.compensation_slot for s in decode]
-        lora = build_decode_lora(own, compensation, rows, pool.num_slots, pool.max_rank, self.device)
+        targets = step_targets(pool.linears, set(own) | set(compensation or ()))
+        lora = build_decode_lora(own, compensation, rows, pool.num_slots, pool.max_rank, self.device, targets)
         input_ids = self._tensor([s.last_token for s in decode] + pad)  # [B]
         positions = self._tensor([s.num_tokens - 1 for s in decode] + pad)  # [B]
         meta = self._attention_metadata(decode, [], slots)  # the n real rows only
