@@ -5,8 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from loraplex.engine.types import LoraRequest
+from loraplex.engine.errors import PromptTooLongError
+from loraplex.engine.types import LoraRequest, SamplingParams
 from tests.engine_helpers import build_llm_engine, greedy, lora, peft_reference, run_to_completion, step_until_idle
 from tests.virtual_token_adapters import make_virtual_adapter
 
@@ -100,3 +104,46 @@ def test_prefix_blocks_are_shared_and_freed_on_delete(demo_model_dir, adapter_di
     assert entry.blocks == [] and engine.blocks.num_free == free_before
     assert engine.blocks.num_cached_for(version.key) == 0
     assert engine.stats()["virtual_token_adapters"] == []
+
+
+def test_preemption_under_a_small_kv_budget_keeps_peft_tokens(demo_model_dir, adapter_dirs, prompts, references):
+    """Too few blocks for everyone: sequences are preempted and recomputed (the prefix blocks stay owned
+    by their version meanwhile) and every request still ends with PEFT's tokens."""
+    probe = build_llm_engine(demo_model_dir, max_model_len=64, kv_block_size=4)
+    block_bytes = probe.kv_cache.num_bytes // probe.kv_cache.num_blocks
+    engine = build_llm_engine(demo_model_dir, max_model_len=64, kv_block_size=4, kv_cache_bytes=block_bytes * 36)
+    requests = {f"{name}|{i}": (prompts[i], greedy(NUM_NEW), lora(adapter_dirs[name])) for name in VIRTUAL for i in range(4)}
+    tokens = run_to_completion(engine, requests)
+    assert engine.scheduler.num_preemptions > 0
+    for key, generated in tokens.items():
+        name, i = key.split("|")
+        assert generated == references[name][int(i)], key
+    owned = sum(len(engine.virtual.store._entries[k].blocks) for k in engine.virtual.store.keys())
+    assert owned == 7 // 4 + 19 // 4 and engine.blocks.num_used == owned  # only the versions' prefix blocks remain
+
+
+@pytest.mark.parametrize("adapter", ["acme/prompt-5", "globex/prefix-proj-19"])
+def test_prompt_logprobs_match_peft(demo_model_dir, adapter_dirs, prompts, adapter):
+    """Prompt token i + 1's logprob at prompt position i: the virtual tokens shift positions, not entries."""
+    prompt = prompts[3]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32),
+                                      adapter_dirs[adapter]).eval()
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -len(prompt):]  # [L, V]
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    engine = build_llm_engine(demo_model_dir, max_model_len=128, max_num_batched_tokens=16)  # chunked
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    engine.add_request("p", prompt, params, lora(adapter_dirs[adapter]))
+    first = next(output for _, output in step_until_idle(engine))
+    got = torch.tensor([logprob for logprob, _ in first.prompt_logprobs])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_prompt_that_leaves_no_room_after_the_virtual_tokens_is_refused(demo_model_dir, adapter_dirs, prompts):
+    engine = build_llm_engine(demo_model_dir, max_model_len=24)
+    engine.add_request("long", prompts[1], greedy(2), lora(adapter_dirs["acme/prefix-7"]))  # 7 + 18 tokens > 24
+    engine.add_request("fits", prompts[0], greedy(2), lora(adapter_dirs["acme/prefix-7"]))  # 7 + 4
+    results = dict(engine.step())
+    assert isinstance(results["long"], PromptTooLongError) and "7 virtual tokens" in str(results["long"])
+    assert engine.unfinished_request_ids() == ["fits"]
