@@ -231,3 +231,16 @@ def test_bf16_dora_runs_and_stays_close(demo_model_dir, setup, max_lora_rank):
     assert all(len(t) == NUM_NEW for t in tokens.values())
     agree = sum(t == refs[None if k.startswith("None") else k.split("|")[0]][int(k.split("|")[1])] for k, t in tokens.items())
     assert agree >= len(tokens) // 2, agree
+
+
+def test_dora_on_a_quantized_base_fails_the_request_not_the_engine(demo_model_dir, setup):
+    from loraplex.engine.errors import AdapterError
+    from tests.engine_helpers import step_until_idle
+
+    dirs, prompts, refs = setup
+    engine = build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=8, max_model_len=128, quantization="int8")
+    engine.add_request("dora", prompts[0], greedy(3), lora(dirs["acme/dora-qv"]))
+    engine.add_request("plain", prompts[0], greedy(3), lora(dirs["acme/plain"]))
+    done = dict(step_until_idle(engine))
+    assert isinstance(done["dora"], AdapterError) and "quantized base" in str(done["dora"])
+    assert not isinstance(done["plain"], Exception)

@@ -48,6 +48,8 @@ class AdapterResidency:
                 host = compose(lora, read_components(lora, self._read), self.max_lora_rank, self.dtype)
             else:
                 host = read_adapter(lora.key, lora.path, self.max_lora_rank, self.pool.module_shapes, self.dtype)
+                if host.magnitudes and not self.pool.serves_dora:
+                    raise AdapterError("DoRA adapters are not served on a quantized base (the norm needs its dense weight)")
             self.host_cache.put(host)
         return host
 

@@ -22,6 +22,8 @@ class LoraPool:
         self.originals: dict[tuple[int, str], torch.Tensor] = {}
         # Slots whose tokens need a DoRA output scale (the compensation slot while a DoRA adapter is merged).
         self.dora_slots: set[int] = set()
+        # A DoRA norm needs the dense base weight; a quantized base's fused members have none at hand.
+        self.serves_dora = getattr(model, "quantization", None) is None
         for linear in self.linears.values():
             w = linear.weight
             linear.lora_a = torch.zeros(num_slots, max_rank, linear.in_features, dtype=w.dtype, device=w.device)
