@@ -64,3 +64,23 @@ def test_dora_upload_without_magnitudes_names_use_dora(tenant_client, dora_dir):
     error = response.json()["error"]
     assert error["param"] == "use_dora" and "lora_magnitude_vector" in error["message"]
     assert json.loads(files["adapter_config.json"])["use_dora"] is True
+
+
+def test_quantized_server_refuses_dora_uploads_naming_use_dora(tenant_settings, dora_dir, tmp_path):
+    """The engine cannot serve DoRA on a quantized base, so its registry refuses the upload up front."""
+    from fastapi.testclient import TestClient
+
+    from loraplex.api.app import create_app
+    from loraplex.engine_factory import build_engine
+
+    settings = tenant_settings.model_copy(update={"data_dir": tmp_path, "quantization": "int8"})
+    engine = build_engine(settings)
+    engine.start()
+    try:
+        with TestClient(create_app(settings, engine)) as client:
+            response = upload(client, "acme", "tone", _files(dora_dir))
+    finally:
+        engine.shutdown()
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "use_dora" and "DoRA (use_dora: true) adapters are not served by this server" in error["message"]

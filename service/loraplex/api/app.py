@@ -29,6 +29,7 @@ from loraplex.engine.async_engine import AsyncEngine
 from loraplex.api.rate_limit import TenantRateLimiter
 from loraplex.registry.auth import load_api_keys
 from loraplex.registry.factory import build_registry
+from loraplex.registry.adapter_kinds import DORA, SERVED_KINDS
 from loraplex.registry.validation import model_dims_from_hf_config
 from loraplex.training.example_tokens import token_counter
 from loraplex.training.files import FileQuota, FileStore
@@ -85,7 +86,8 @@ def _lifespan(given_engine: AsyncEngine | None):
         app.state.metrics.watch_engine(engine, app.state.drain)
         app.state.loop = asyncio.get_running_loop()
         dims = model_dims_from_hf_config(engine.engine.model.config.to_dict())
-        runtime = build_registry(app.state.settings, engine.engine.lora_pool.module_shapes, dims)
+        kinds = SERVED_KINDS if engine.engine.lora_pool.serves_dora else SERVED_KINDS - {DORA}  # quantized base: no DoRA
+        runtime = build_registry(app.state.settings, engine.engine.lora_pool.module_shapes, dims, kinds)
         runtime.feed.start(lambda event: _on_registry_change(engine, runtime.registry, event))
         if runtime.guard is not None:
             await asyncio.to_thread(runtime.guard.start)  # a lost index is rebuilt before the first request

@@ -8,7 +8,7 @@ from typing import Any
 from loraplex.config import Settings
 from loraplex.registry.change_feed import ChangeFeed, LocalChangeFeed, NotifyingIndex
 from loraplex.registry.index_repair import IndexGuard
-from loraplex.registry.adapter_kinds import ModelDims
+from loraplex.registry.adapter_kinds import SERVED_KINDS, ModelDims
 from loraplex.registry.service import AdapterRegistry, UploadLimits
 from loraplex.registry.versioned_store import LocalJsonIndex, TenantQuota, VersionedAdapterStore
 
@@ -34,7 +34,8 @@ class RegistryRuntime:
             self.index.close()
 
 
-def build_registry(settings: Settings, module_shapes: dict, dims: ModelDims | None = None) -> RegistryRuntime:
+def build_registry(settings: Settings, module_shapes: dict, dims: ModelDims | None = None,
+                   kinds: frozenset[str] = SERVED_KINDS) -> RegistryRuntime:
     data_dir = settings.data_dir
     if settings.redis_url:
         from loraplex.registry.redis_index import RedisAdapterIndex
@@ -51,7 +52,7 @@ def build_registry(settings: Settings, module_shapes: dict, dims: ModelDims | No
                                   allowed_target_modules=settings.lora_target_module_list)
     limits = UploadLimits(settings.max_lora_rank, settings.max_adapter_bytes)
     guard = IndexGuard(store) if settings.redis_url else None  # started by the server, not by workers
-    return RegistryRuntime(AdapterRegistry(store, module_shapes, limits, dims), feed, index, guard)
+    return RegistryRuntime(AdapterRegistry(store, module_shapes, limits, dims, kinds), feed, index, guard)
 
 
 def _redacted(url: str) -> str:

@@ -16,6 +16,7 @@ from loraplex.engine.types import LoraRequest
 from loraplex.registry.archive import extract_adapter_archive
 from loraplex.registry.auth import Principal, can_use, require_manage, require_use
 from loraplex.registry.errors import Forbidden, InvalidAdapterFile, RegistryUnavailable
+from loraplex.registry.adapter_kinds import SERVED_KINDS
 from loraplex.registry.validation import ModelDims, ValidatedAdapter, validate_adapter_files
 from loraplex.registry.local_store import AdapterNotFound
 from loraplex.registry.versioned_store import AdapterVersion, VersionedAdapterStore, is_id_part, parse_adapter_id
@@ -38,9 +39,10 @@ class UploadLimits:
 
 class AdapterRegistry:
     def __init__(self, store: VersionedAdapterStore, module_shapes: Mapping[tuple[int, str], tuple[int, int]], limits: UploadLimits,
-                 dims: ModelDims | None = None):
+                 dims: ModelDims | None = None, kinds: frozenset[str] = SERVED_KINDS):
         self.store, self.module_shapes, self.limits = store, dict(module_shapes), limits
         self.dims = dims  # the model's sizes, for prompt/prefix tuning uploads
+        self.kinds = kinds  # the adapter kinds this server's engine serves (no DoRA on a quantized base)
         # Inference lookups that succeeded, so adapters keep serving while a shared index (Redis) is down.
         # id -> (record, when it was read from the index); resolver threads, the change-feed thread and
         # the event loop all touch it, hence the lock.
@@ -177,4 +179,5 @@ class AdapterRegistry:
         return validate_adapter_files(
             files[CONFIG_FILE], files[WEIGHTS_FILE], self.module_shapes,
             self.limits.max_lora_rank, self.limits.max_adapter_bytes, adapter_id=adapter_id, dims=self.dims,
+            kinds=self.kinds,
         )
