@@ -6,6 +6,7 @@ The dare seed's meaning is in tests/composition_helpers.py.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import replace
 
 import pytest
@@ -213,3 +214,20 @@ def test_only_lora_adapters_compose_and_a_composition_has_no_files_to_probe(demo
     assert list(failed) == ["bad"] and isinstance(failed["bad"], CompositionError)
     assert failed["bad"].param == "adapters" and "adapter acme/prompt cannot be composed" in str(failed["bad"])
     assert "PROMPT_TUNING" in str(failed["bad"]) and "" not in probed
+
+
+def test_a_slow_composition_does_not_hold_up_plain_adapter_loads(demo_model_dir, adapter_dirs, prompts, monkeypatch):
+    """Compositions build on a thread of their own (a ties merge of 8 large adapters takes many seconds)."""
+    from loraplex.engine import adapter_residency
+
+    release, compose_now = threading.Event(), adapter_residency.compose
+    monkeypatch.setattr(adapter_residency, "compose", lambda *args: release.wait(60) and compose_now(*args))
+    engine = build_llm_engine(demo_model_dir, max_loras=2, max_lora_rank=32, max_model_len=128)
+    engine.add_request("mix", prompts[0], greedy(2), _composed(adapter_dirs, "linear-2"))
+    engine.add_request("plain", prompts[0], greedy(2), lora(adapter_dirs["acme/mlp"]))
+    finished = []
+    for request_id, output in step_until_idle(engine, timeout_s=60):
+        if output.is_finished:
+            finished.append(request_id)
+            release.set()
+    assert finished == ["plain", "mix"]

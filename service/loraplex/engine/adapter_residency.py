@@ -1,7 +1,9 @@
-"""Where each adapter version lives: storage -> host tier -> a device slot, loaded on a loader thread.
+"""Where each adapter version lives: storage -> host tier -> a device slot, loaded on a loader thread
+(compositions of adapters are built on a thread of their own).
 
 Owns the slot bookkeeping (`AdapterSlots`), the device buffers (`LoraPool`), the host tier and the
-loader thread. The engine thread calls every method here except `_read`, which runs on the loader.
+loader thread. The engine thread calls every method here except `_read`, which runs on the loader (or
+the composer).
 """
 from __future__ import annotations
 
@@ -30,13 +32,16 @@ class AdapterResidency:
         self.num_loads = 0
         self._completed: queue.SimpleQueue = queue.SimpleQueue()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-loader")
+        # Compositions build on their own thread: a ties merge of 8 7B-shaped adapters takes tens of
+        # seconds on a CPU core, and plain adapters must not queue behind it.
+        self._composer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-composer")
         self.on_wake = lambda: None  # called from the loader thread when a load completes
         self.on_loaded = lambda key, seconds: None  # called on the engine thread
 
     # --- loading -------------------------------------------------------------------------------
     def start_load(self, lora: LoraRequest, slot: int) -> None:
         started = time.monotonic()
-        future = self._loader.submit(self._read, lora)
+        future = (self._composer if isinstance(lora, ComposedLora) else self._loader).submit(self._read, lora)
         future.add_done_callback(lambda f: (self._completed.put((lora.key, slot, f, started)), self.on_wake()))
 
     def _read(self, lora: LoraRequest) -> HostLora:
@@ -117,3 +122,4 @@ class AdapterResidency:
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+        self._composer.shutdown(wait=False, cancel_futures=True)

