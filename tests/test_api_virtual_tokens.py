@@ -81,3 +81,13 @@ def test_delete_frees_the_prefix_blocks(tenant_client, tenant_engine, uploaded):
     assert tenant_client.delete("/v1/adapters/acme/prefix-proj", headers=auth("acme")).status_code == 200
     assert wait_until(lambda: not loaded())
     assert wait_until(lambda: engine.blocks.num_cached_for("acme/prefix-proj@") == 0)
+
+
+def test_admin_pin_keeps_it_loaded_and_merged_mode_is_a_400(tenant_client, uploaded):
+    pinned = tenant_client.post("/v1/adapters/acme/prefix/pin", headers=auth("admin"))
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.json()["pinned"] is True and pinned.json()["residency"] == "device"
+    merged = tenant_client.post("/v1/adapters/acme/prefix/mode", headers=auth("admin"), json={"mode": "merged"})
+    assert merged.status_code == 400 and merged.json()["error"]["param"] == "mode", merged.text
+    unpinned = tenant_client.post("/v1/adapters/acme/prefix/unpin", headers=auth("admin")).json()
+    assert unpinned["pinned"] is False and unpinned["merge_mode"] == "unmerged"

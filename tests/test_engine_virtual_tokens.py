@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from loraplex.engine.errors import PromptTooLongError
+from loraplex.engine.errors import InvalidRequestError, PromptTooLongError
 from loraplex.engine.types import LoraRequest, SamplingParams
 from tests.engine_helpers import build_llm_engine, greedy, lora, peft_reference, run_to_completion, step_until_idle
 from tests.virtual_token_adapters import make_virtual_adapter
@@ -147,3 +147,15 @@ def test_a_prompt_that_leaves_no_room_after_the_virtual_tokens_is_refused(demo_m
     results = dict(engine.step())
     assert isinstance(results["long"], PromptTooLongError) and "7 virtual tokens" in str(results["long"])
     assert engine.unfinished_request_ids() == ["fits"]
+
+
+def test_loaded_versions_are_bounded_lru_and_pins_stay(demo_model_dir, adapter_dirs, prompts):
+    engine = build_llm_engine(demo_model_dir, max_model_len=128, max_cpu_loras=2)
+    first, second, third = (lora(adapter_dirs[name]) for name in VIRTUAL)
+    assert engine.set_pinned(first, True) and engine.adapter_state(first.key).is_pinned
+    for adapter in (second, third):
+        run_to_completion(engine, {"r": (prompts[0], greedy(2), adapter)})
+    assert engine.stats()["virtual_token_adapters"] == [first.key, third.key]  # second dropped: least recent, unpinned
+    assert engine.adapter_state(second.key).residency == "storage"
+    with pytest.raises(InvalidRequestError):
+        engine.set_merge_mode(first, "merged")

@@ -179,7 +179,7 @@ class LLMEngine:
         return self.virtual.ensure_loaded(lora) or self.residency_control.ensure_resident(lora)
 
     def set_pinned(self, lora: LoraRequest, is_pinned: bool) -> bool:
-        return self.residency_control.set_pinned(lora, is_pinned)
+        return self.virtual.set_pinned(lora, is_pinned) or self.residency_control.set_pinned(lora, is_pinned)
 
     def evict(self, key: str) -> bool:
         """Drop an idle, unmerged adapter from its device slot and the host tier."""
@@ -202,6 +202,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 "merged mode is not available on a quantized base: adding the adapter's delta to 4-bit or 8-bit weights "
                 "would round it away; the adapter is served unmerged (auto never merges here)", param="mode")
+        self.virtual.refuse_merge(lora, mode)
         if mode == "merged" and not self.residency_control.ensure_resident(lora):
             return False
         self.merging.set_mode(lora.key, mode)
@@ -213,7 +214,8 @@ class LLMEngine:
     def adapter_state(self, key: str) -> AdapterState:
         residency = "merged" if key == self.merged_key else self.residency_control.residency(key)
         residency = "device" if key in self.virtual else residency
-        return AdapterState(residency, key in self.residency_control.pinned_keys, self.merging.mode_of(key))
+        is_pinned = key in self.residency_control.pinned_keys or self.virtual.is_pinned(key)
+        return AdapterState(residency, is_pinned, self.merging.mode_of(key))
 
     def residency(self, key: str) -> str:
         """merged | device | loading | host | storage"""

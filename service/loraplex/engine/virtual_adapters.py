@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.composition import ComposedLora
-from loraplex.engine.errors import AdapterError, EngineError, PromptTooLongError
+from loraplex.engine.errors import AdapterError, EngineError, InvalidRequestError, PromptTooLongError
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.prefix_kv import PrefixBlocks
 from loraplex.engine.types import LoraRequest
@@ -55,6 +55,22 @@ class VirtualAdapters:
     def ensure_loaded(self, lora: LoraRequest) -> bool | None:
         """Admin load: True once a virtual-token version is loaded, None for a LoRA one (not ours)."""
         return None if self.store.lookup(lora.key, lora.path) is None else True
+
+    def set_pinned(self, lora: LoraRequest, is_pinned: bool) -> bool | None:
+        """Admin pin: a pinned virtual-token version stays loaded (its prefix blocks owned) past the LRU
+        bound. None for a LoRA adapter (not ours)."""
+        if self.store.lookup(lora.key, lora.path) is None:
+            return None
+        self.store.pin(lora.key, is_pinned)
+        return True
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self.store.pinned
+
+    def refuse_merge(self, lora: LoraRequest, mode: str) -> None:
+        if mode == "merged" and lora.path and self.store.lookup(lora.key, lora.path) is not None:
+            raise InvalidRequestError("a prompt/prefix-tuning adapter has no weight delta to merge: it is always "
+                                      "served unmerged, batched with everyone", param="mode")
 
     def __contains__(self, key: str) -> bool:
         return key in self.store

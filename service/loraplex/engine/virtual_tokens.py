@@ -131,6 +131,7 @@ class VirtualTokenStore:
         self.on_load, self.on_drop = on_load, on_drop
         self._entries: OrderedDict[str, VirtualTokens] = OrderedDict()
         self._lora_keys: OrderedDict[str, None] = OrderedDict()  # keys known to be LoRA (no config re-read)
+        self.pinned: set[str] = set()  # loaded versions the LRU bound never drops (admin pins)
         self.num_loads = 0
 
     def lookup(self, key: str, path: str) -> VirtualTokens | None:
@@ -157,7 +158,11 @@ class VirtualTokenStore:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
+    def pin(self, key: str, is_pinned: bool) -> None:
+        (self.pinned.add if is_pinned else self.pinned.discard)(key)
+
     def drop(self, key: str) -> bool:
+        self.pinned.discard(key)
         entry = self._entries.pop(key, None)
         if entry is not None and self.on_drop is not None:
             self.on_drop(entry)
@@ -171,8 +176,9 @@ class VirtualTokenStore:
             del self._lora_keys[key]
 
     def _insert(self, entry: VirtualTokens) -> None:
-        while len(self._entries) >= self.capacity:
-            self.drop(next(iter(self._entries)))  # least recently used; its sequences keep their copy
+        unpinned = [k for k in self._entries if k not in self.pinned]  # least recently used first
+        for key in unpinned[: max(0, len(self._entries) + 1 - self.capacity)]:
+            self.drop(key)  # its running sequences keep their reference (and their blocks)
         self._entries[entry.key] = entry
         self.num_loads += 1
         if self.on_load is not None:
