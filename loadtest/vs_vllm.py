@@ -209,4 +209,7 @@ if __name__ == "__main__":
     except servers.VllmMissing as exc:
         print(f"vs_vllm: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        print(f"vs_vllm: interrupted ({exc}); every server it started is stopped", file=sys.stderr)
+        sys.exit(130)
     sys.exit(0 if all(c["passed"] is not False for c in out["checks"].values()) else 1)
