@@ -37,6 +37,10 @@ def test_uploaded_dora_adapter_is_served_like_peft(tenant_client, tenant_setting
     response = upload(tenant_client, "acme", "tone", _files(dora_dir))
     assert response.status_code in (200, 201), response.text
     assert response.json()["rank"] == 8 and set(response.json()["target_modules"]) == {"q_proj", "v_proj", "up_proj"}
+    assert response.json()["kind"] == "dora" and response.json()["num_virtual_tokens"] is None
+    shown = tenant_client.get("/v1/adapters/acme/tone", headers=auth("acme")).json()
+    listed = tenant_client.get("/v1/adapters", headers=auth("acme")).json()["data"]
+    assert shown["kind"] == "dora" and [a["kind"] for a in listed if a["id"] == "acme/tone"] == ["dora"]
     model_dir = ensure_demo_model(Path(tenant_settings.data_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     [expected] = peft_reference(model_dir, dora_dir, [PROMPT], NUM_NEW)

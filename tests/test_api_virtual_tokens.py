@@ -47,8 +47,21 @@ def uploaded(tenant_client, adapter_dirs, adapter_files):
         response = upload(tenant_client, "acme", name, files_of(directory))
         assert response.status_code == 201, response.text
         assert response.json()["versioned_id"] == f"acme/{name}@1"
-    assert upload(tenant_client, "acme", "lora", adapter_files(81)).status_code == 201
+        peft_type, num_virtual_tokens, _ = VIRTUAL[name]
+        assert (response.json()["kind"], response.json()["num_virtual_tokens"]) == (peft_type.lower(), num_virtual_tokens)
+    lora = upload(tenant_client, "acme", "lora", adapter_files(81))
+    assert lora.status_code == 201 and (lora.json()["kind"], lora.json()["num_virtual_tokens"]) == ("lora", None)
     return adapter_dirs
+
+
+def test_get_and_list_show_each_adapters_kind(tenant_client, uploaded):
+    expected = {f"acme/{name}": (peft_type.lower(), tokens) for name, (peft_type, tokens, _) in VIRTUAL.items()}
+    expected["acme/lora"] = ("lora", None)
+    for adapter_id, kind in expected.items():
+        response = tenant_client.get(f"/v1/adapters/{adapter_id}", headers=auth("acme"))
+        assert response.status_code == 200 and (response.json()["kind"], response.json()["num_virtual_tokens"]) == kind
+    listed = tenant_client.get("/v1/adapters", headers=auth("acme")).json()["data"]
+    assert {a["id"]: (a["kind"], a["num_virtual_tokens"]) for a in listed if a["id"] in expected} == expected
 
 
 def test_each_kind_serves_peft_tokens_batched_with_lora_and_base(tenant_client, tenant_settings, tenant_engine, uploaded):

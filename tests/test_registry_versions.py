@@ -89,12 +89,29 @@ def test_put_writes_an_immutable_version_and_publishes_it(store, upload):
     assert (record.id, record.version, record.path, record.shared) == ("acme/sql", 1, version_dir, False)
     assert (record.rank, record.alpha, record.target_modules) == (8, 16.0, ("q_proj", "v_proj"))
     assert record.size_bytes == validated.num_bytes and record.sha256 == validated.sha256
+    assert (record.kind, record.num_virtual_tokens) == ("lora", 0)
     assert record.lora_key == f"acme/sql@1:{validated.sha256[:12]}" and record.lora_request().path == str(version_dir)
     assert (version_dir / WEIGHTS_FILE).read_bytes() == files[WEIGHTS_FILE]
     assert json.loads((version_dir / META_FILE).read_text())["sha256"] == validated.sha256
     assert (store.data_dir / "acme" / "sql" / LATEST_FILE).read_text() == "1\n"
     assert store.get("acme", "sql") == record and store.get_by_id("acme/sql@1") == record
     assert list((store.data_dir / ".staging").iterdir()) == []
+
+
+def test_a_record_from_before_kinds_takes_its_kind_from_its_config(store, upload):
+    """meta.json written before `kind` existed: read back as what its stored adapter_config.json says."""
+    store.put("acme", "old", *upload)
+    version_dir = store.data_dir / "acme" / "old" / "v1"
+    meta = json.loads((version_dir / META_FILE).read_text())
+    assert (meta.pop("kind"), meta.pop("num_virtual_tokens")) == ("lora", 0)
+    (version_dir / META_FILE).write_text(json.dumps(meta))
+    assert store.get("acme", "old").kind == "lora"
+    config = json.loads((version_dir / CONFIG_FILE).read_text())
+    (version_dir / CONFIG_FILE).write_text(json.dumps({**config, "use_dora": True}))
+    assert store.get("acme", "old").kind == "dora"
+    prompt = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 7, "task_type": "CAUSAL_LM"}
+    (version_dir / CONFIG_FILE).write_text(json.dumps(prompt))
+    assert (store.get("acme", "old").kind, store.get("acme", "old").num_virtual_tokens) == ("prompt_tuning", 7)
 
 
 def test_new_versions_leave_old_ones_untouched(store, upload, upload2):

@@ -40,6 +40,7 @@ from loraplex.engine.model import LORA_MODULES
 from loraplex.failpoints import failpoint
 from loraplex.engine.types import LoraRequest
 from loraplex.registry.adapter_config import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.registry.adapter_kinds import DORA, LORA
 from loraplex.registry.errors import (
     AdapterNotFound, InvalidAdapter, InvalidAdapterFile, QuotaExceeded, RegistryUnavailable, storage_error,
 )
@@ -70,6 +71,8 @@ class AdapterVersion:
     created_at: int  # unix seconds
     shared: bool  # usable by every tenant; the latest version's flag applies to it and all older versions
     path: Path  # directory holding the two adapter files
+    kind: str = LORA  # adapter_kinds.ALL_KINDS: lora | dora | prompt_tuning | prefix_tuning
+    num_virtual_tokens: int = 0  # prompt/prefix tuning only
 
     @property
     def versioned_id(self) -> str:
@@ -90,7 +93,9 @@ class AdapterVersion:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], path: Path) -> AdapterVersion:
-        return cls(**{**meta, "target_modules": tuple(meta["target_modules"]), "path": path})
+        """A record written before kinds existed (no `kind`) takes its kind from its stored config."""
+        kind = {} if "kind" in meta else _kind_fields(_read_config(path / CONFIG_FILE))
+        return cls(**{**meta, **kind, "target_modules": tuple(meta["target_modules"]), "path": path})
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ class LocalJsonIndex:
             id=legacy.id, tenant=tenant, name=name, version=1, sha256=adapter_digest(config_bytes, legacy.sha256),
             rank=legacy.rank, alpha=legacy.alpha, target_modules=legacy.target_modules,
             size_bytes=len(config_bytes) + legacy.size_bytes, created_at=legacy.created, shared=False, path=legacy.path,
+            **_kind_fields(_parse_config(config_bytes)),
         )
 
 
@@ -421,7 +427,32 @@ def _new_record(tenant: str, name: str, version: int, validated: ValidatedAdapte
         id=f"{tenant}/{name}", tenant=tenant, name=name, version=version, sha256=validated.sha256,
         rank=validated.rank, alpha=validated.alpha, target_modules=validated.target_modules,
         size_bytes=validated.num_bytes, created_at=int(time.time()), shared=shared, path=adapter_dir / f"v{version}",
+        kind=validated.kind, num_virtual_tokens=validated.num_virtual_tokens,
     )
+
+
+def _kind_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`kind` and `num_virtual_tokens` of a validated config (an unreadable one: plain LoRA, as before kinds)."""
+    peft_type = config.get("peft_type")
+    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        tokens = config.get("num_virtual_tokens")
+        return {"kind": peft_type.lower(), "num_virtual_tokens": tokens if isinstance(tokens, int) else 0}
+    return {"kind": DORA if config.get("use_dora") is True else LORA, "num_virtual_tokens": 0}
+
+
+def _read_config(path: Path) -> Mapping[str, Any]:
+    try:
+        return _parse_config(path.read_bytes())
+    except OSError:
+        return {}
+
+
+def _parse_config(config_bytes: bytes) -> Mapping[str, Any]:
+    try:
+        config = json.loads(config_bytes)
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _stage(staging: Path, config_bytes: bytes, weights_bytes: bytes) -> None:

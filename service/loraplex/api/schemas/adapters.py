@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 Residency = Literal["storage", "host", "loading", "device", "merged"]
 MergeMode = Literal["merged", "unmerged", "auto"]
+AdapterKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning"]  # registry.adapter_kinds.ALL_KINDS
 
 
 class AdapterPublic(BaseModel):
@@ -16,6 +17,8 @@ class AdapterPublic(BaseModel):
     tenant: str
     name: str
     version: int
+    kind: AdapterKind
+    num_virtual_tokens: int | None = None  # prompt/prefix tuning only
     rank: int
     alpha: float
     target_modules: list[str]

@@ -45,7 +45,8 @@ async def to_public(engine: AsyncEngine, record: AdapterVersion) -> AdapterPubli
     state = await engine.adapter_state(key)
     return AdapterPublic(
         id=record.id, versioned_id=record.versioned_id, tenant=record.tenant, name=record.name,
-        version=record.version, rank=record.rank, alpha=record.alpha, target_modules=list(record.target_modules),
+        version=record.version, kind=record.kind, num_virtual_tokens=record.num_virtual_tokens or None,
+        rank=record.rank, alpha=record.alpha, target_modules=list(record.target_modules),
         size_bytes=record.size_bytes, sha256=record.sha256, created_at=record.created_at, shared=record.shared,
         residency=state.residency, pinned=state.is_pinned, merge_mode=state.merge_mode,
     )
