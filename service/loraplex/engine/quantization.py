@@ -205,3 +205,21 @@ def checkpoint_quantization(hf_config, requested: str) -> QuantConfig | None:
     bnb()
     return QuantConfig(kind, double_quant=bool(saved.get("bnb_4bit_use_double_quant", False)), quant_type=kind,
                        threshold=float(saved.get("llm_int8_threshold", INT8_THRESHOLD)), source="checkpoint")
+
+
+def transformers_config(method: str, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for the same quantization as `QuantConfig(method)`."""
+    from transformers import BitsAndBytesConfig
+
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def fp32_cpu_compute(hf_model: nn.Module) -> None:
+    """bitsandbytes' CPU fast path for 4-bit layers (AVX512-BF16 machines) computes in bf16 and fails unless
+    d_out % 32 == 0: off, so an HF model computes as the engine does (dequantize + GEMM in its dtype)."""
+    for module in hf_model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

@@ -123,26 +123,19 @@ def _fused(parent, fused, names, i, quantized, dtype, device) -> QuantizedFusedP
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Resident bytes of every weight: quantized codes and scales, plus full-precision tensors (embeddings,
-    norms, LM head, biases); each storage once (the LM head may share the embedding's)."""
+    """Resident bytes of the base's weights: quantized codes and scales, plus full-precision parameters
+    (embeddings, norms, LM head, biases); each storage once (fused members are views, the LM head may share
+    the embedding's). The adapter pool (plain tensors on the LoraLinears) is not counted."""
     seen, total = set(), 0
     for module in model.modules():
         if hasattr(module, "nbytes") and hasattr(module, "dequantize"):
             total += module.nbytes
-    for t in list(model.parameters()) + [p for p in _plain_tensors(model)]:
+    for t in model.parameters():
         key = t.untyped_storage().data_ptr()
         if t.device.type != "meta" and key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
-
-
-def _plain_tensors(model: nn.Module):
-    """Weights held as plain attributes (embed_weight) rather than parameters."""
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                yield value
 
 
 def projection_bytes(model: nn.Module) -> int:

@@ -68,7 +68,9 @@ EXTENSION_FIELDS = (
     "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "layers_to_transform",
     "top_k_layers", "layer_lr_decay", "weight_decay", "early_stopping_patience", "validation_split",
     "early_stopping_min_delta", "max_forgetting_ratio", "replay_fraction", "beta", "adapter_type", "num_virtual_tokens",
+    "quantization", "gradient_checkpointing",
 )
+QUANTIZATIONS = ("none", "int8", "nf4")  # the frozen base while training (QLoRA: nf4); auto: the server's
 SHAPE_FIELDS = ("lora_r", "lora_alpha", "target_modules", "use_rslora", "layers_to_transform", "top_k_layers",
                 "adapter_type", "num_virtual_tokens")
 
@@ -107,6 +109,8 @@ class ResolvedHyperparameters:
     beta: float = DEFAULT_BETA  # DPO only
     adapter_type: str = LORA  # prompt_tuning: the LoRA fields above are unused
     num_virtual_tokens: int = 0  # prompt_tuning only
+    quantization: str = "none"  # the frozen base while training: none | int8 | nf4 (QLoRA)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +140,8 @@ class Hyperparameters:
     beta: float | Auto = AUTO  # DPO; auto: DEFAULT_BETA
     adapter_type: str = LORA
     num_virtual_tokens: int | None = None  # prompt_tuning; None: DEFAULT_NUM_VIRTUAL_TOKENS
+    quantization: str | Auto = AUTO  # auto: the base as the server loads it (LORAPLEX_QUANTIZATION)
+    gradient_checkpointing: bool = False
 
     @classmethod
     def from_request(cls, requested: dict, seed: int, max_steps: int | None = None) -> Hyperparameters:
@@ -175,6 +181,10 @@ class Hyperparameters:
             _check_int("max_steps", self.max_steps, 1, MAX_STEPS)
         _check_transfer(self)
         _check_adapter_type(self)
+        if self.quantization != AUTO and self.quantization not in QUANTIZATIONS:
+            raise HyperparameterError("quantization", f"must be one of {list(QUANTIZATIONS)} or \"auto\"")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise HyperparameterError("gradient_checkpointing", "must be true or false")
 
     def resolve(self, num_examples: int, max_lora_rank: int = MAX_LORA_R,
                 num_layers: int | None = None, has_replay: bool = False) -> ResolvedHyperparameters:
@@ -218,6 +228,8 @@ class Hyperparameters:
             beta=DEFAULT_BETA if self.beta == AUTO else float(self.beta),
             adapter_type=self.adapter_type,
             num_virtual_tokens=self._num_virtual_tokens(),
+            quantization="none" if self.quantization == AUTO else self.quantization,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
 
     def _num_virtual_tokens(self) -> int:

@@ -30,6 +30,7 @@ from loraplex.training.evaluation import split_held_out
 from loraplex.training.hyperparams import DORA, LORA, MAX_LORA_R, PROMPT_TUNING, Hyperparameters, ResolvedHyperparameters
 from loraplex.training.measurements import Measurements, measure, parent_loss
 from loraplex.training.objectives import SupervisedObjective
+from loraplex.training.qlora import PeakMemory, load_base
 from loraplex.training.train_loop import TrainEvent, TrainingCancelled, TrainLoop
 from loraplex.training.transfer import BestEpoch, EpochScore, peft_config
 
@@ -77,6 +78,8 @@ class TrainResult:
     initial_valid_loss: float | None = None  # before the first step: the starting weights (base or parent)
     num_replayed_per_epoch: int = 0
     measurements: Measurements = field(default_factory=Measurements)  # base, incumbent, forgetting
+    peak_memory_bytes: int | None = None  # the job's peak: RSS on CPU, CUDA peak allocated on GPU
+    peak_memory_kind: str = "rss_peak"
 
 
 def train_lora(
@@ -115,6 +118,7 @@ def train_lora(
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; adapters are written once")
     torch_device = _pick_device(device)
+    peak = PeakMemory(torch_device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model_config = AutoConfig.from_pretrained(model_dir)
     model_max_len = min(max_len, int(getattr(model_config, "max_position_embeddings", DEFAULT_MAX_LEN)))
@@ -163,6 +167,7 @@ def train_lora(
         valid_loss=best and best.valid_loss, valid_token_accuracy=best and best.valid_token_accuracy,
         method=objective.method, initial_valid_loss=initial and initial.loss,
         num_replayed_per_epoch=objective.num_replayed, measurements=measurements,
+        peak_memory_bytes=peak.read(), peak_memory_kind=peak.kind,
     )
 
 
@@ -224,11 +229,8 @@ def _tokenize_or_refuse(tokenizer, dataset: ParsedDataset, max_len: int, should_
 
 def _load_peft_model(model_dir: Path, hp: ResolvedHyperparameters, device: torch.device, init_adapter: Path | None):
     from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    base.config.use_cache = False  # no KV cache while training
+    base = load_base(model_dir, hp.quantization, hp.gradient_checkpointing, device)
     # PEFT keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype), so updates are not rounded away.
     if init_adapter is None:
         return get_peft_model(base, peft_config(hp, model_dir))

@@ -12,6 +12,7 @@ On SIGTERM a running job is given back to the queue (not failed): the next worke
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -96,6 +97,8 @@ class Worker:
     def _train_and_publish(self, job: JobRecord, work_dir: Path, progress: _Progress) -> None:
         progress.send(make_event(f"Validating training file: {job.training_file}"))
         hp = Hyperparameters.from_request(job.hyperparameters, job.seed, self.settings.max_train_steps)
+        if hp.quantization == "auto":  # the base as the server loads it: on a quantized server, QLoRA
+            hp = dataclasses.replace(hp, quantization=self.settings.quantization)
         parent = self._lookup(job.parent_model) if job.parent_model else None
         if job.parent_model and (parent is None or not can_use(Principal(tenant=job.tenant, is_admin=False), parent)):
             raise HyperparameterError("model", f"{job.parent_model} was deleted or unshared after the job was created")
@@ -147,6 +150,12 @@ class Worker:
             progress.send(make_event(
                 f"Forgetting: the parent's validation loss went {evaluation['parent_valid_loss_before']:.4f} -> "
                 f"{evaluation['parent_valid_loss_after']:.4f}; reference-text perplexity x{evaluation['forgetting_ratio']:.3f}."))
+        if result.peak_memory_bytes is not None:
+            what = "CUDA peak allocated" if result.peak_memory_kind == "cuda_peak_allocated" else "peak RSS"
+            progress.send(make_event(
+                f"Peak memory: {result.peak_memory_bytes / 2**20:.1f} MiB ({what}); base "
+                f"{result.hyperparameters.quantization}, gradient checkpointing "
+                f"{'on' if result.hyperparameters.gradient_checkpointing else 'off'}."))
         level = "info" if evaluation["promoted"] else "warn"
         progress.send(make_event(f"Evaluation: {evaluation['reason']}.", level=level))
         progress.send(make_event(f"New fine-tuned model created: {adapter_id}"))

@@ -40,6 +40,8 @@ class HyperparametersIn(BaseModel):
     replay_fraction: Any = None  # replayed examples per epoch / training examples; default 0.25 with replay data
     adapter_type: Any = None  # default "lora"; "dora" or "prompt_tuning"
     num_virtual_tokens: Any = None  # prompt_tuning: learned tokens prepended to the prompt; default 8
+    quantization: Any = None  # the frozen base while training: "none" | "int8" | "nf4" (QLoRA); default: as served
+    gradient_checkpointing: Any = None  # default false; true: recompute activations in backward (less memory)
 
 
 class DpoHyperparametersIn(HyperparametersIn):
