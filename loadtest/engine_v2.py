@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a shared, "
                    "loaded CPU 1 thread avoids OpenMP barrier stalls that inflate every small op")
     p.add_argument("--only", default="abc", help="which sections to run, e.g. 'ab'")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="(b) times: wall, or this thread's "
+                   "CPU time (use with --threads 1: the engine's own work, independent of other load)")
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".data" / "bench")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results")
     return p.parse_args(argv)
@@ -93,19 +95,20 @@ def chunked_prefill(factory, built, args) -> dict:
     """Rounds of (alone, chunks sized by tokens, chunks sized by compute); the gap share is the median of
     the rounds' max gap / that round's alone time (alternating keeps the machine's load comparable)."""
     long_prompt = [random.Random(7).randrange(3, 1000) for _ in range(2000)]
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     rounds = []
     for i in range(1 if args.quick else max(3, args.repeats)):
         _log(f"(b) round {i + 1}: the 2000-token prompt alone, then beside 16 decoding streams, chunks of 512 "
              f"by tokens and by compute (load {os.getloadavg()[0]:.1f})")
-        alone_s, alone_tokens = sections.prefill_alone_s(factory, long_prompt)
-        runs = {by: sections.chunked_prefill_run(factory, 512, long_prompt, chunk_by_compute=by) for by in (False, True)}
+        alone_s, alone_tokens = sections.prefill_alone_s(factory, long_prompt, clock)
+        runs = {by: sections.chunked_prefill_run(factory, 512, long_prompt, clock=clock, chunk_by_compute=by) for by in (False, True)}
         rounds.append({"prefill_alone_s": alone_s, "alone_tokens": alone_tokens, "by_tokens": runs[False],
                        "by_compute": runs[True], "load_average": os.getloadavg()[0]})
-    whole = sections.chunked_prefill_run(factory, 4096, long_prompt)
+    whole = sections.chunked_prefill_run(factory, 4096, long_prompt, clock=clock)
     chunked = rounds[-1]["by_compute"]
     reference = sections.hf_greedy(built.model_dir, long_prompt, len(chunked["long_tokens"]))
     share = lambda key: statistics.median(r[key]["max_stream_gap_s"] / r["prefill_alone_s"] for r in rounds)  # noqa: E731
-    return {"rounds": rounds, "prefill_alone_s": statistics.median(r["prefill_alone_s"] for r in rounds),
+    return {"clock": args.clock, "rounds": rounds, "prefill_alone_s": statistics.median(r["prefill_alone_s"] for r in rounds),
             "chunked": chunked, "whole": whole, "hf_reference_tokens": reference,
             "tokens_match_reference": all(r[k]["long_tokens"] == reference == r["alone_tokens"]
                                           for r in rounds for k in ("by_tokens", "by_compute")),

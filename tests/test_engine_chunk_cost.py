@@ -74,6 +74,14 @@ def test_a_long_prompt_chunked_by_compute_beside_decodes_matches_hf(demo_model_d
     # after the prefill the long sequence decodes beside the short ones in its own group
     assert tokens["long"] == peft_reference(demo_model_dir, None, [long_prompt], 12)[0]
     assert [tokens[f"d{i}"] for i in range(3)] == peft_reference(demo_model_dir, None, short, 40)
+    # with nothing decoding, nobody stalls: the same prompt alone is chunked by tokens (full budgets)
+    engine.add_request("alone", long_prompt[::-1], greedy(1), None)  # nothing of it cached
+    alone, sizes = engine._seqs["alone"], []
+    while engine.unfinished_request_ids():
+        before = alone.num_computed_tokens
+        engine.step()
+        sizes.append(alone.num_computed_tokens - before)
+    assert len(sizes) == 5 and sizes[:-1] == [128] * 4
 
 
 def test_tails_behind_one_cached_prefix_run_as_one_batch_and_match_hf(demo_model_dir, monkeypatch):

@@ -14,10 +14,11 @@ within a tenant, arrival order holds. A tenant that becomes active starts level 
 served active tenant (it gets no credit for having been idle).
 
 With `context_cost` (context positions whose attention costs as much as one token through the layers'
-weights), a prompt chunk is sized by compute, not by token count: a chunk of n tokens after s computed
-ones costs n + n * (s + (n + 1) / 2) / context_cost token-equivalents. Deep in a long prompt every
-token attends to everything before it, so later chunks get fewer tokens and no step costs more than
-the budget's worth of compute (the decodes beside it stall no longer than that).
+weights), a prompt chunk computed beside decodes is sized by compute, not by token count: a chunk of n
+tokens after s computed ones costs n + n * (s + (n + 1) / 2) / context_cost token-equivalents. Deep in
+a long prompt every token attends to everything before it, so later chunks get fewer tokens and no
+step costs the decodes more than the budget's worth of compute. With no decode waiting, chunks are
+sized by tokens (nobody stalls; fewer, larger steps prefill fastest).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class Scheduler:
         self.blocks, self.slots = blocks, slots
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.context_cost = context_cost  # None: chunks are sized by token count alone
+        self._cost_per_context = None  # this step's: context_cost while decodes run, else None
         self.watermark_blocks = max(1, blocks.num_blocks // 100)  # kept free at admission for decodes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
@@ -99,6 +101,7 @@ class Scheduler:
     # --- the step ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         decode_seqs = self._schedule_decodes()
+        self._cost_per_context = self.context_cost if decode_seqs else None
         budget = self.max_num_batched_tokens - len(decode_seqs)
         chunks = self._continue_prefills(budget)
         budget -= sum(self._cost(c) for c in chunks)
@@ -136,16 +139,16 @@ class Scheduler:
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledChunk:
         """The next chunk of `seq` that fits `budget` (at least one token, so every prefill advances)."""
         start, num_tokens = seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget)
-        if self.context_cost is not None and num_tokens > 1:
-            num_tokens = max(1, min(num_tokens, chunk_tokens_for_cost(start, budget, self.context_cost)))
+        if self._cost_per_context is not None and num_tokens > 1:
+            num_tokens = max(1, min(num_tokens, chunk_tokens_for_cost(start, budget, self._cost_per_context)))
         return ScheduledChunk(seq, start, num_tokens)
 
     def _cost(self, chunk: ScheduledChunk) -> int:
         """Token-equivalents of a chunk (its token count when chunks are sized by tokens)."""
         n = chunk.num_tokens
-        if self.context_cost is None:
+        if self._cost_per_context is None:
             return n
-        return math.ceil(n + n * (chunk.start + (n + 1) / 2) / self.context_cost)
+        return math.ceil(n + n * (chunk.start + (n + 1) / 2) / self._cost_per_context)
 
     def _admit(self, budget: int) -> tuple[list[ScheduledChunk], list[tuple[LoraRequest, int]]]:
         admitted, loads = [], []
