@@ -104,16 +104,19 @@ def test_four_adapters_and_the_base_in_one_batch(demo_model_dir, adapter_dirs, p
         assert generated == references[(method, None if name == "None" else name)][int(i)], (method, key)
 
 
-def test_a_checkpoint_saved_4bit_is_served_with_no_flag(demo_model_dir, tmp_path, prompts, references):
-    saved = tmp_path / "demo-nf4"
-    load_quantized_hf(demo_model_dir, "nf4").save_pretrained(saved)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_checkpoint_saved_quantized_is_served_with_no_flag(demo_model_dir, tmp_path, prompts, references, method):
+    """`save_pretrained` of a model loaded with BitsAndBytesConfig (4-bit or 8-bit): served as saved."""
+    saved = tmp_path / f"demo-{method}"
+    load_quantized_hf(demo_model_dir, method).save_pretrained(saved)
     AutoTokenizer.from_pretrained(demo_model_dir).save_pretrained(saved)
     engine = _engine(saved, "none")
-    assert engine.model.quantization.method == "nf4" and engine.model.quantization.source == "checkpoint"
+    assert engine.model.quantization.method == method and engine.model.quantization.source == "checkpoint"
     tokens = run_to_completion(engine, {f"r{i}": (p, greedy(NUM_NEW), None) for i, p in enumerate(prompts)})
-    assert [tokens[f"r{i}"] for i in range(len(prompts))] == references[("nf4", None)]
+    assert [tokens[f"r{i}"] for i in range(len(prompts))] == references[(method, None)]
+    other = "int8" if method == "nf4" else "nf4"
     with pytest.raises(EngineError, match="already quantized"):
-        load_model(str(saved), torch.float32, torch.device("cpu"), 128, quantization="int8")
+        load_model(str(saved), torch.float32, torch.device("cpu"), 128, quantization=other)
 
 
 def test_linear_weight_bytes_fall(demo_model_dir):
