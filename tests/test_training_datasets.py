@@ -11,6 +11,7 @@ from loraplex.training.datasets import (
     _tokenize_chat_by_prefixes,
     CHAT,
     IGNORE_INDEX,
+    LINES_PER_STOP_CHECK,
     MAX_REPORTED_PROBLEMS,
     PROMPT_COMPLETION,
     ChatExample,
@@ -298,3 +299,15 @@ def test_learning_rate_schedule_warms_up_then_decays():
     rates = [learning_rate_at(step, 100, 1.0) for step in range(100)]
     assert rates[0] == pytest.approx(0.2) and rates[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 0.02
+
+
+def test_validate_jsonl_asks_should_stop_every_few_hundred_lines_and_stops():
+    lines = [json.dumps({"prompt": f"p{i}", "completion": f" c{i}"}) for i in range(10 * LINES_PER_STOP_CHECK)]
+    data = "\n".join(lines).encode()
+    asked = []
+    assert len(validate_jsonl(data, should_stop=lambda: asked.append(1) and False)) == len(lines)
+    assert len(asked) == len(lines) // LINES_PER_STOP_CHECK  # often enough, and cheap
+    asked.clear()
+    with pytest.raises(PreparationStopped):
+        validate_jsonl(data, should_stop=lambda: asked.append(1) or len(asked) == 3)
+    assert len(asked) == 3  # stopped at the third check: the rest of the file is not parsed

@@ -15,6 +15,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -127,10 +128,11 @@ class FileStore:
         except FileNotFoundError:
             raise FileNotFound(record.id) from None
 
-    def dataset(self, record: FileRecord) -> ParsedDataset:
-        """Parse again for training (a file is validated at upload, so this fails only if the limits shrank)."""
+    def dataset(self, record: FileRecord, should_stop: Callable[[], bool] | None = None) -> ParsedDataset:
+        """Parse again for training (a file is validated at upload, so this fails only if the limits shrank);
+        PreparationStopped when `should_stop()` says so (a cancel while the job is `validating_files`)."""
         return validate_jsonl(self.content(record), max_bytes=max(self.max_bytes, record.bytes),
-                              max_lines=max(self.max_lines, record.num_examples))
+                              max_lines=max(self.max_lines, record.num_examples), should_stop=should_stop)
 
     def delete(self, record: FileRecord) -> None:
         directory = self._tenant_dir(record.tenant)

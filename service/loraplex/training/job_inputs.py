@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,7 +43,10 @@ def adapter_name(job: JobRecord) -> str:
     return f"ft-{job.id[6:14]}"
 
 
-def load_inputs(job: JobRecord, files: FileStore, store: JobStore, hp: Hyperparameters, parent_dir: Path | None) -> JobInputs:
+def load_inputs(job: JobRecord, files: FileStore, store: JobStore, hp: Hyperparameters, parent_dir: Path | None,
+                should_stop: Callable[[], bool] | None = None) -> JobInputs:
+    """Every file the job reads, parsed again; PreparationStopped when `should_stop()` says so."""
+    files = _Stoppable(files, should_stop)
     train = files.dataset(files.get(job.tenant, job.training_file, param="training_file"))
     num_in_file = len(train)
     train, validation, source = _with_validation(files, job.tenant, train, job.validation_file, hp)
@@ -64,7 +68,20 @@ def load_inputs(job: JobRecord, files: FileStore, store: JobStore, hp: Hyperpara
     return replace(inputs, parent_validation=parent_valid)
 
 
-def _with_validation(files: FileStore, tenant: str, train: ParsedDataset, validation_file: str | None,
+class _Stoppable:
+    """A FileStore whose parses ask `should_stop` (every file a job reads can be 32 MB)."""
+
+    def __init__(self, files: FileStore, should_stop: Callable[[], bool] | None):
+        self.files, self.should_stop = files, should_stop
+
+    def get(self, *args, **kwargs):
+        return self.files.get(*args, **kwargs)
+
+    def dataset(self, record) -> ParsedDataset:
+        return self.files.dataset(record, self.should_stop)
+
+
+def _with_validation(files: FileStore | _Stoppable, tenant: str, train: ParsedDataset, validation_file: str | None,
                      hp: Hyperparameters) -> tuple[ParsedDataset, ParsedDataset | None, str]:
     if validation_file:
         return train, files.dataset(files.get(tenant, validation_file, param="validation_file")), "file"

@@ -102,7 +102,10 @@ class Worker:
         parent = self._lookup(job.parent_model) if job.parent_model else None
         if job.parent_model and (parent is None or not can_use(Principal(tenant=job.tenant, is_admin=False), parent)):
             raise HyperparameterError("model", f"{job.parent_model} was deleted or unshared after the job was created")
-        inputs = load_inputs(job, self.files, self.store, hp, parent.path if parent else None)
+        try:  # a 32 MB file takes seconds to parse: a cancel in `validating_files` is honoured meanwhile
+            inputs = load_inputs(job, self.files, self.store, hp, parent.path if parent else None, progress.should_stop)
+        except PreparationStopped:
+            raise TrainingCancelled(0) from None
         incumbent = self._lookup(f"{job.tenant}/{adapter_name(job)}")
         resolved = hp.resolve(len(inputs.train), self.settings.max_lora_rank, _num_layers(self.model_dir),
                               has_replay=inputs.replay is not None)
