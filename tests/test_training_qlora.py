@@ -1,8 +1,9 @@
 """QLoRA jobs, run by the real worker on the demo model: on a server that serves the base nf4 every job trains on
 the nf4 base (bitsandbytes layers under peft), its events show the peak memory, and the adapter it writes is
 an ordinary PEFT adapter that loads on the full-precision base and changes its tokens. A job may also ask for
-it (`"quantization": "nf4"`) on a full-precision server; on the walkthrough's keyword set it then reaches the
-full-precision job's held-out accuracy within 0.05 and is promoted alike."""
+it (`"quantization": "nf4"`) on a full-precision server: it is then scored on the full-precision base, where
+it is served; on the walkthrough's keyword set it reaches the full-precision job's held-out accuracy within
+0.05 and is promoted alike."""
 from __future__ import annotations
 
 import re
@@ -76,6 +77,9 @@ def test_a_qlora_job_reaches_the_full_precision_jobs_accuracy(demo_model_dir, tm
         print(f"held-out token accuracy: full precision {acc_full:.3f}, QLoRA (nf4) {acc_qlora:.3f}; peak memory "
               f"{_peak(jobs, full.id)[0]:.0f} MiB vs {_peak(jobs, qlora.id)[0]:.0f} MiB")
         assert abs(acc_qlora - acc_full) <= 0.05
+        # scored where it is served, the full-precision base: the same base loss as the full-precision job's
+        assert qlora.evaluation["base_valid_loss"] == pytest.approx(full.evaluation["base_valid_loss"], abs=1e-5)
+        assert qlora.resolved_hyperparameters["quantization"] == "nf4"
         assert qlora.evaluation["promoted"] == full.evaluation["promoted"]
     finally:
         jobs.close()

@@ -63,3 +63,20 @@ class PeakMemory:
         except OSError:
             return None
         return int(match.group(1)) * 1024 if match else None
+
+
+def on_served_base(model, model_dir: Path, quantization: str, device: torch.device, objective, best, check):
+    """A QLoRA job on a full-precision server: its adapter is served on the full-precision base, so it is
+    scored there. Returns the adapter on that base (eval mode) and `best` re-scored on it (None stays None)."""
+    import dataclasses
+    import tempfile
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        served = PeftModel.from_pretrained(load_base(model_dir, quantization, False, device), tmp).eval()
+    if best is None:
+        return served, None
+    score = objective.evaluate(served, check)
+    return served, dataclasses.replace(best, valid_loss=score.loss, valid_token_accuracy=score.token_accuracy, score=score)

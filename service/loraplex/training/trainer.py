@@ -30,7 +30,7 @@ from loraplex.training.evaluation import split_held_out
 from loraplex.training.hyperparams import DORA, LORA, MAX_LORA_R, PROMPT_TUNING, Hyperparameters, ResolvedHyperparameters
 from loraplex.training.measurements import Measurements, measure, parent_loss
 from loraplex.training.objectives import SupervisedObjective
-from loraplex.training.qlora import PeakMemory, load_base
+from loraplex.training.qlora import PeakMemory, load_base, on_served_base
 from loraplex.training.train_loop import TrainEvent, TrainingCancelled, TrainLoop
 from loraplex.training.transfer import BestEpoch, EpochScore, peft_config
 
@@ -99,6 +99,7 @@ def train_lora(
     continuation: Continuation = Continuation(),
     incumbent: Path | None = None,
     validation_source: str = "file",
+    served_quantization: str | None = None,
 ) -> TrainResult:
     """Train on `dataset`, write the adapter to `out_dir` (which must not exist) and return what happened.
 
@@ -108,7 +109,9 @@ def train_lora(
     than `early_stopping_min_delta`, the best epoch's weights are the ones written, and the base model
     and `incumbent` (the adapter version the name serves now) are scored on the same data for the
     promotion decision. `validation_source` says where given `validation` came from ("split": the
-    caller held it out already). Raises HyperparameterError / DatasetError before any heavy work,
+    caller held it out already). `served_quantization`: the base the adapter will be served on (the server's
+    LORAPLEX_QUANTIZATION); a job trained on another (QLoRA on a full-precision server) is scored on it.
+    Raises HyperparameterError / DatasetError before any heavy work,
     TrainingCancelled when stopped.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -151,6 +154,9 @@ def train_lora(
 
         checkpoints = loop.run(save_checkpoint, checkpoint_every_epochs, data_stats["has_validation"], tracker, on_epoch)
         tracker.restore_best(loop.named_trainable)
+        if served_quantization is not None and served_quantization != hp_resolved.quantization:
+            model, tracker.best = on_served_base(model, model_dir, served_quantization, torch_device, objective,
+                                                 tracker.best, loop.check)
         measurements = measure(model, objective, tokenizer, pad_id, torch_device, model_max_len, loop.check,
                                best=tracker.best, incumbent=incumbent, parent_set=parent_set, parent_before=parent_before)
     if should_stop():

@@ -128,7 +128,7 @@ class Worker:
                             should_stop=progress.should_stop, validation=inputs.validation, device=self.settings.device,
                             max_lora_rank=self.settings.max_lora_rank, on_epoch=progress.on_epoch,
                             continuation=continuation, incumbent=incumbent.path if incumbent else None,
-                            validation_source=inputs.validation_source)
+                            validation_source=inputs.validation_source, served_quantization=self.settings.quantization)
         if progress.should_stop(force=True):
             raise TrainingCancelled(result.num_steps)
         evaluation = evaluate_result(result, force=job.force_promotion,
