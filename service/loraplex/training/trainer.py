@@ -143,6 +143,8 @@ def train_lora(
     with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
         torch.manual_seed(hp_resolved.seed)  # LoRA init and dropout
         model = _load_peft_model(model_dir, hp_resolved, torch_device, continuation.init_adapter)
+        if should_stop():  # a cancel that arrived while the base loaded (it polls nothing)
+            raise TrainingCancelled(0)
         loop = TrainLoop(model, hp_resolved, num_layers, objective, on_event, should_stop)
         objective.prepare(model, loop.check)
         initial = objective.evaluate(model, loop.check) if data_stats["has_validation"] else None
