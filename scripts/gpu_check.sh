@@ -11,7 +11,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/service:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== cuda tests (parity, paging, chunked prefill, prefix caching on the GPU)"
-timeout 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_engine_parity.py tests/test_engine_paging.py
+timeout 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_engine_parity.py tests/test_engine_paging.py \
+  tests/test_engine_compiled_step.py
 
 echo "== engine v2 benchmarks on CUDA (bf16): prefix caching, chunked prefill, KV capacity"
 timeout 150 "$PY" loadtest/engine_v2.py --device cuda --repeats 1 --out "$OUT" || echo "engine_v2: a target was missed (see the table)"

@@ -117,6 +117,7 @@ def test_merged_adapter_compensation_compiled(demo_model_dir, adapter_dirs, prom
     assert run_to_completion(engine, requests()) == eager
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not has_cuda(), reason="needs CUDA")
 @pytest.mark.parametrize("count", [3, 5])
 def test_cuda_graphs_equal_eager(demo_model_dir, adapter_dirs, prompts, count):
