@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4_000_000, ge=1024, description="Largest request body accepted.")
 
     # Engine: compiled decode step (kept at the end: several sessions add settings here)
-    compile: Literal["auto", "on", "off"] = Field("auto", description="`torch.compile` the decode step (static shapes per batch-size bucket 1, 2, 4, ...; CUDA graphs on GPU); auto: on for CUDA, off on CPU, where it measured slower than eager.")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="`torch.compile` the decode step (static shapes per batch-size bucket 1, 2, 4, ...; CUDA graphs on GPU); auto: on for CUDA, off on CPU, where it measured no faster than eager (README, Compiled decode step).")
 
     # Training files: the per-example token cap (issue #20 finding 2)
     max_example_tokens: int = Field(32_768, ge=0, description="Most tokens in one training example (the served base's tokenizer, over its texts without the chat template), checked at upload; longer is 400 naming the line. 0 = no cap.")
