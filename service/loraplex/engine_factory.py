@@ -55,6 +55,7 @@ def engine_config(settings: Settings, model_path: str) -> EngineConfig:
         seed=settings.seed,
         compile=settings.compile,
         quantization=settings.quantization,
+        pack_weights=settings.pack_weights,
     )
 
 

@@ -66,7 +66,7 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor, met
         rows = x.shape[0]
         num_slots, rank, d_in = lora_a.shape
         shrunk = x @ lora_a.view(num_slots * rank, d_in).t()  # [B, S*r]
-        own = (shrunk.view(rows, num_slots, rank) * meta.multihot).view(rows, num_slots * rank)
+        own = (shrunk.view(rows, num_slots, rank) * meta.multihot.to(shrunk.dtype)).view(rows, num_slots * rank)  # bf16 too
         return own @ lora_bt.view(num_slots * rank, -1)  # [B, d_out]
     out = _gathered(x, lora_a, lora_bt, meta.slots)
     if meta.compensation is not None:

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.engine.frozen_gemm import can_pack
+
 from loraplex.engine.model import LORA_MODULES
 
 
@@ -32,6 +34,7 @@ class EngineConfig:
     extra_eos_token_ids: tuple[int, ...] = field(default=())
     compile: str = "auto"  # auto | on | off: torch.compile the decode step (auto: on for CUDA, off on CPU)
     quantization: str = "none"  # none | int8 | nf4: the base's projections (engine/quantization.py)
+    pack_weights: str = "auto"  # auto | on | off: frozen GEMMs on oneDNN-packed weights (engine/frozen_gemm.py)
 
     def __post_init__(self):
         unknown = set(self.lora_target_modules) - set(LORA_MODULES)
@@ -41,6 +44,8 @@ class EngineConfig:
             raise ValueError("kv_block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile must be auto, on or off, not {self.compile!r}")
+        if self.pack_weights not in ("auto", "on", "off"):
+            raise ValueError(f"pack_weights must be auto, on or off, not {self.pack_weights!r}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -52,6 +57,11 @@ class EngineConfig:
     def compile_decode(self) -> bool:
         """auto: CUDA only; on CPU the compiled step measured no faster than eager (README, configuration)."""
         return self.compile == "on" or (self.compile == "auto" and self.torch_device.type == "cuda")
+
+    @property
+    def packed_gemms(self) -> bool:
+        """auto and on alike: wherever oneDNN can run them (CPU, fp32/bf16); elsewhere plain F.linear."""
+        return self.pack_weights != "off" and can_pack(self.torch_device, self.torch_dtype)
 
     @property
     def torch_dtype(self) -> torch.dtype:

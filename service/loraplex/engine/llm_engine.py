@@ -57,6 +57,7 @@ class LLMEngine:
         self.merge = MergeManager(self.lora_pool, compensation_slot=config.max_loras + 1)
         self.merging = MergeControl(self.merge, self.slots, self.residency_control.pinned_keys, config.default_merge_mode)
         self.merging.enabled = getattr(model, "quantization", None) is None  # no exact merge into quantized weights
+        model.pack_weights(config.packed_gemms)
         self.vocab_size = mc.vocab_size
         self.eos_token_ids = _eos_ids(tokenizer, model) | set(config.extra_eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size)

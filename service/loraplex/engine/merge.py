@@ -13,6 +13,7 @@ import time
 import torch
 
 from loraplex.engine.dora import merged_weight
+from loraplex.engine.frozen_gemm import weights_changed
 from loraplex.engine.lora_pool import LoraPool
 
 
@@ -38,6 +39,7 @@ class MergeManager:
             else:
                 merged = original.float() + b.float() @ a.float()  # [d_out, r] @ [r, d_in]
             linear.weight.copy_(merged.to(original.dtype))
+        weights_changed()
         self.pool.write_negated(self.compensation_slot, slot)
         self.merged_slot = slot
         self._synchronize()
@@ -49,6 +51,7 @@ class MergeManager:
         for where, original in self._originals.items():
             self.pool.linears[where].weight.copy_(original)
         self._originals.clear()
+        weights_changed()
         self.pool.clear(self.compensation_slot)
         self.merged_slot = None
         self._synchronize()

@@ -14,6 +14,7 @@ from torch import nn
 
 from loraplex.engine.attention import AttentionMetadata, attend
 from loraplex.engine.family import FamilySpec, LayerSpec
+from loraplex.engine.frozen_gemm import FrozenGemm
 from loraplex.engine.dora import apply_dora_scale, undo_merged_scale
 from loraplex.engine.lora_ops import LoraBatch, SlotSet, add_lora
 
@@ -46,6 +47,7 @@ class LoraLinear(nn.Module):
         self.active_slots = SlotSet()  # slots holding non-zero weights for this module
         self.dora_scale: torch.Tensor | None = None  # [num_slots, d_out]: DoRA output scale, ones elsewhere (dora.py)
         self.dora_slots = SlotSet()  # slots whose dora_scale row is not ones
+        self.gemm = FrozenGemm()  # the base GEMM (oneDNN-packed weight on CPU when enabled)
 
     @property
     def in_features(self) -> int:
@@ -56,7 +58,7 @@ class LoraLinear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # x: [T, d_in] -> y: [T, d_out]
+        y = self.gemm(x, self.weight, self.bias)  # x: [T, d_in] -> y: [T, d_out]
         self.add_lora_terms(y, x, lora)
         return y
 
@@ -95,9 +97,10 @@ class FusedProjection(nn.Module):
                 m.bias = nn.Parameter(self.bias.data[start:end], requires_grad=False)
             self.slices.append((start, end))
             start = end
+        self.gemm = FrozenGemm()
 
     def forward(self, x: torch.Tensor, lora: LoraBatch) -> list[torch.Tensor]:
-        y = F.linear(x, self.weight, self.bias)  # [T, sum d_out]
+        y = self.gemm(x, self.weight, self.bias)  # [T, sum d_out]
         parts = []
         for member, (start, end) in zip(self.members, self.slices):
             part = y[:, start:end]  # a view: LoRA terms land in y
@@ -216,10 +219,18 @@ class LlamaForServing(nn.Module):
         )
         self.norm = RMSNorm(hf_model.model.norm, spec.norm_unit_offset)
         self.lm_head = hf_model.lm_head
+        self.lm_head_gemm = FrozenGemm()
         self.rope_keys = tuple(rope)
         for key, (cos, sin) in rope.items():  # [max_len, hd] each
             self.register_buffer(f"rope_cos_{key}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{key}", sin, persistent=False)
+
+    def pack_weights(self, enabled: bool) -> None:
+        """Route the frozen GEMMs (projections, LM head) through FrozenGemm's packed oneDNN path or not."""
+        gemms = [self.lm_head_gemm] + [m.gemm for m in self.modules() if isinstance(m, (LoraLinear, FusedProjection))]
+        for gemm in gemms:
+            gemm.enabled = enabled
+            gemm.release()
 
     def lora_linears(self) -> dict[tuple[int, str], LoraLinear]:
         found = {}
@@ -250,7 +261,7 @@ class LlamaForServing(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x)  # [num_seqs, vocab]
+        logits = self.lm_head_gemm(x, self.lm_head.weight, self.lm_head.bias)  # [num_seqs, vocab]
         cap = self.spec.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
