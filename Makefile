@@ -3,12 +3,13 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 
-.PHONY: help setup redis chromium run test test-slow bench loadtest
+.PHONY: help setup redis chromium run test test-slow test-quant bench loadtest
 
 help:
 	@echo "make run        serve the demo model (CPU, no Redis; adapters under ./adapters)"
 	@echo "make test       fast test suite (what CI runs)"
 	@echo "make test-slow  tests marked slow"
+	@echo "make test-quant the slow quantized-base tests (CI runs them after make test)"
 	@echo "make fuzz       long schemathesis fuzz of every API operation (FUZZ_EXAMPLES=200 per operation and mode)"
 	@echo "make bench      load test (loadtest/bench.py)"
 	@echo "make bench-engine  engine v2 benchmarks: prefix caching, chunked prefill, KV capacity"
@@ -37,6 +38,10 @@ test: setup redis chromium
 
 test-slow: setup redis chromium
 	$(PY) -m pytest -m slow -q
+
+# The slow bitsandbytes tests (quantized-base parity with four adapters, stories260k text, QLoRA accuracy); CI runs it.
+test-quant: setup
+	$(PY) -m pytest -m "slow and quant and not cuda" -q
 
 # The same test CI runs with 6 examples (tests/test_fuzz_api.py), with random seeds and every coverage case.
 .PHONY: fuzz

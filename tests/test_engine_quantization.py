@@ -73,6 +73,7 @@ def test_quantized_codes_equal_transformers(demo_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.quant
 def test_quantization_changes_tokens_and_adapters_change_them_again(demo_model_dir, prompts, references):
     """Else the parity tests below could not tell a quantized base from a full-precision one."""
     assert references[("nf4", None)] != peft_reference(demo_model_dir, None, prompts, NUM_NEW)
@@ -93,6 +94,7 @@ def test_base_and_one_adapter_match_transformers(demo_model_dir, adapter_dirs, p
 
 
 @pytest.mark.slow  # ten transformers references
+@pytest.mark.quant
 @pytest.mark.parametrize("method", METHODS)
 def test_four_adapters_and_the_base_in_one_batch(demo_model_dir, adapter_dirs, prompts, references, method):
     engine = _engine(demo_model_dir, method)
@@ -142,6 +144,7 @@ def test_bad_quantization_settings_are_refused_before_loading(demo_model_dir, tm
 
 
 @pytest.mark.slow  # ~30-90 s on a loaded 2-core box
+@pytest.mark.quant
 @pytest.mark.parametrize("method", METHODS)
 def test_stories260k_text_equals_transformers(method, tmp_path):
     """The real model, base and an adapter, compared as text too. int8 rounds activations to 8 bits, which turns

@@ -64,6 +64,7 @@ def test_bad_training_quantization_names_the_field():
 
 
 @pytest.mark.slow  # two keyword jobs, ~1-2 min
+@pytest.mark.quant
 def test_a_qlora_job_reaches_the_full_precision_jobs_accuracy(demo_model_dir, tmp_path):
     jobs = WorkerJobs(demo_model_dir, tmp_path)
     try:
