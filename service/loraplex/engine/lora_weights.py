@@ -57,8 +57,9 @@ def read_adapter(key: str, path: str, max_rank: int, shapes: dict[tuple[int, str
                     {where: m.float().contiguous() for where, m in magnitudes.items()})
 
 
-def _read_config(path: Path) -> dict:
-    # Messages reach clients: the OS error's text only, never the server's path.
+def read_config_json(path: Path) -> dict:
+    """An adapter_config.json as a dict, any PEFT type. Messages reach clients: the OS error's text only,
+    never the server's path."""
     try:
         config = json.loads(path.read_bytes())
     except OSError as exc:
@@ -67,6 +68,11 @@ def _read_config(path: Path) -> dict:
         raise AdapterError("unreadable adapter_config.json: not valid JSON") from None
     if not isinstance(config, dict):
         raise AdapterError("adapter_config.json must hold a JSON object")
+    return config
+
+
+def _read_config(path: Path) -> dict:
+    config = read_config_json(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type {config.get('peft_type')!r} is not supported, only LORA")
     for flag in _UNSUPPORTED_FLAGS:

@@ -101,12 +101,17 @@ class FusedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch) -> list[torch.Tensor]:
         y = self.gemm(x, self.weight, self.bias)  # [T, sum d_out]
-        parts = []
-        for member, (start, end) in zip(self.members, self.slices):
-            part = y[:, start:end]  # a view: LoRA terms land in y
-            member.add_lora_terms(part, x, lora)
-            parts.append(part)
-        return parts
+        return split_with_lora(y, x, lora, self.members, self.slices)
+
+
+def split_with_lora(y: torch.Tensor, x: torch.Tensor, lora: LoraBatch, members, slices) -> list[torch.Tensor]:
+    """y: [T, sum d_out], a fused GEMM's output -> each member's column view, its LoRA terms added in place."""
+    parts = []
+    for member, (start, end) in zip(members, slices):
+        part = y[:, start:end]  # a view: LoRA terms land in y
+        member.add_lora_terms(part, x, lora)
+        parts.append(part)
+    return parts
 
 
 class RMSNorm(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loraplex.engine.lora_ops import LoraBatch
-from loraplex.engine.model import LoraLinear
+from loraplex.engine.model import LoraLinear, split_with_lora
 from loraplex.engine.quantization import Int8Weight, SequenceIndex, fuse
 
 
@@ -64,12 +64,7 @@ class QuantizedFusedProjection(nn.Module):
             y = torch.cat([w(x, None) for w in self.weights], dim=-1)
             if self.bias is not None:
                 y = y + self.bias
-        parts = []
-        for member, (start, end) in zip(self.members, self.slices):
-            part = y[:, start:end]  # a view: LoRA terms land in y
-            member.add_lora_terms(part, x, lora)
-            parts.append(part)
-        return parts
+        return split_with_lora(y, x, lora, self.members, self.slices)
 
 
 def install(model: nn.Module, quantized: dict[tuple[int, str], nn.Module], dtype: torch.dtype, device: torch.device) -> None:

@@ -14,7 +14,6 @@ Neither occupies a LoRA slot: their sequences run in slot 0 (the base), batched 
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from loraplex.engine.errors import AdapterError
+from loraplex.engine.lora_weights import read_config_json
 
 PROMPT_TUNING, PREFIX_TUNING = "PROMPT_TUNING", "PREFIX_TUNING"
 VIRTUAL_TOKEN_TYPES = (PROMPT_TUNING, PREFIX_TUNING)
@@ -89,16 +89,7 @@ def read_virtual_tokens(key: str, path: str, dims: ModelDims, dtype: torch.dtype
 
 
 def _read_config(directory: Path) -> dict:
-    # Messages reach clients: the OS error's text only, never the server's path.
-    try:
-        config = json.loads((directory / "adapter_config.json").read_bytes())
-    except OSError as exc:
-        raise AdapterError(f"unreadable adapter_config.json: {exc.strerror or 'I/O error'}") from None
-    except (ValueError, RecursionError):
-        raise AdapterError("adapter_config.json is not valid JSON") from None
-    if not isinstance(config, dict):
-        raise AdapterError("adapter_config.json must hold a JSON object")
-    return config
+    return read_config_json(directory / "adapter_config.json")
 
 
 def _read_prompt_embeddings(directory: Path) -> torch.Tensor:
